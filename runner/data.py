@@ -1,0 +1,184 @@
+"""Datasets, seeded stratified splits and batch iterators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from runner.errors import SpecError
+
+
+class InMemoryImages(Dataset):
+    """Images held as one uint8 tensor ``(N, C, H, W)``; samples are ``(C, H, W)`` uint8 tensors.
+
+    Being in memory lets the runner apply deterministic transforms to all images at once and batch
+    by indexing instead of collating sample by sample.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: Sequence[str]) -> None:
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        self.images = images
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+def dataset_targets(dataset: Any) -> np.ndarray:
+    """One int label per sample, read without decoding images where the dataset allows."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]
+    return np.asarray(torch.as_tensor(targets).tolist(), dtype=np.int64).reshape(-1)
+
+
+def dataset_classes(dataset: Any, targets: np.ndarray) -> list[str]:
+    classes = getattr(dataset, "classes", None)
+    if classes:
+        return [str(c) for c in classes]
+    return [str(i) for i in range(int(targets.max()) + 1 if len(targets) else 0)]
+
+
+@dataclass(frozen=True)
+class SplitIndices:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def stratified_split(
+    targets: np.ndarray,
+    fractions: tuple[float, float, float],
+    seed: int,
+    train_per_class: int | None = None,
+) -> SplitIndices:
+    """Per class, shuffle with ``seed`` and cut into train/val/test by the fractions.
+
+    ``train_per_class`` keeps only the first N training samples of each class (few-label
+    experiments) while val and test stay as they are, so results remain comparable.
+    """
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for label in np.unique(targets):
+        idx = np.flatnonzero(targets == label)
+        rng.shuffle(idx)
+        n_train = int(round(fractions[0] * len(idx)))
+        n_val = int(round(fractions[1] * len(idx)))
+        if n_train == 0 or n_val == 0 or len(idx) - n_train - n_val <= 0:
+            raise SpecError(f"data.split: class {label} has {len(idx)} samples, too few for the split fractions")
+        train = idx[:n_train]
+        if train_per_class is not None:
+            train = train[:train_per_class]
+        parts["train"].append(train)
+        parts["val"].append(idx[n_train:n_train + n_val])
+        parts["test"].append(idx[n_train + n_val:])
+    return SplitIndices(*(np.sort(np.concatenate(parts[k])) for k in ("train", "val", "test")))
+
+
+class Relabelled(Dataset):
+    """A subset whose labels are mapped to 0..K-1 (class filtering) and whose images are transformed."""
+
+    def __init__(self, base: Any, indices: np.ndarray, label_map: dict[int, int], transform: Callable | None) -> None:
+        self.base = base
+        self.indices = indices
+        self.label_map = label_map
+        self.transform = transform
+        self.targets = torch.as_tensor([label_map[int(t)] for t in dataset_targets(base)[indices]], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, label = self.base[int(self.indices[i])]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.label_map[int(label)]
+
+
+class TensorBatches:
+    """Batches of a pre-transformed in-memory split: a seeded permutation and tensor indexing.
+
+    It replaces a DataLoader when every sample is already a tensor in memory; the permutation comes
+    from the same kind of seeded generator, so runs stay reproducible.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, generator: torch.Generator | None) -> None:
+        self.images = images
+        self.labels = labels
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.dataset = images  # len(loader.dataset), as with a DataLoader
+
+    def __len__(self) -> int:
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+            else:
+                idx = order[start:start + self.batch_size]
+                yield self.images[idx], self.labels[idx]
+
+
+def pretransform(subset: Relabelled, transform: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a deterministic transform to every image of an in-memory subset once, in one call."""
+    base: InMemoryImages = subset.base
+    images = base.images[torch.as_tensor(subset.indices)]
+    return transform(images).contiguous(), subset.targets.clone()
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader workers get seeds derived from the loader's generator (PyTorch's recipe)."""
+    import random
+
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def make_loader(
+    subset: Relabelled,
+    transform: Callable,
+    deterministic_transform: bool,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Any:
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(subset.base, InMemoryImages) and deterministic_transform:
+        images, labels = pretransform(subset, transform)
+        if pin_memory:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        return TensorBatches(images, labels, batch_size, shuffle, generator)
+    subset.transform = transform
+    return DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        worker_init_fn=seed_worker if num_workers else None,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )
+
+
+__all__ = [
+    "InMemoryImages", "SplitIndices", "stratified_split", "Relabelled", "TensorBatches", "make_loader",
+    "dataset_targets", "dataset_classes", "Subset",
+]

@@ -1,0 +1,39 @@
+"""Errors the runner reports to users as one line.
+
+Anything raised as a :class:`RunnerError` is a problem with the user's input (spec, names, paths,
+store) found before training starts: the CLI prints its message and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """A user-facing error: printed as one line, exit code 2, no traceback unless ``--debug``."""
+
+    exit_code = 2
+
+
+class SpecError(RunnerError):
+    """The experiment spec is malformed or names something that does not exist."""
+
+
+class UnknownNameError(RunnerError, KeyError):
+    """A registry lookup for a name no plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateNameError(RunnerError):
+    """Two plugins registered the same name."""
+
+
+class StoreError(RunnerError):
+    """The results store cannot be opened, is not a runner store, or is too new."""
+
+
+class RunNotFoundError(RunnerError, KeyError):
+    """No run in the store has the given id (or id prefix)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

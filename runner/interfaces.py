@@ -1,0 +1,106 @@
+"""The types that cross the plugin boundary: what builders receive and what strategies return.
+
+Torch is only imported for type checking here, so the hookspecs stay importable by commands that
+never train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence, Union, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What a model builder is asked to build.
+
+    :param name: the registered name (or, for a family such as ``hub:*``, the full name asked for).
+    :param num_classes: size of the classification head.
+    :param input_shape: ``(channels, height, width)`` of one input image after the eval transforms.
+    :param options: the spec's ``model.options`` mapping, passed through unchanged.
+    :param weights: a builder-level weights name (e.g. torchvision's ``"IMAGENET1K_V1"``), or None.
+        Weights from files or earlier runs are loaded by the runner after the builder returns.
+    :param trust_repo: whether the spec trusts remote code (torch.hub).
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int] = (3, 224, 224)
+    options: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    trust_repo: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetRequest:
+    """What a dataset builder is asked to load.
+
+    :param name: the registered dataset name.
+    :param options: the spec's ``data.options`` mapping (e.g. ``root``, ``train``).
+    :param base_dir: directory of the spec file, for resolving relative paths.
+    """
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    base_dir: str = "."
+
+
+@runtime_checkable
+class LabelledImages(Protocol):
+    """A map-style dataset of ``(image, label)`` with one target per sample and class names."""
+
+    targets: Sequence[int]
+    classes: Sequence[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Any, int]: ...
+
+
+TrainableSpec = Union[Literal["all", "head"], Sequence[str], dict]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Which parameters train during a span of epochs, and at what learning rates.
+
+    :param trainable: ``"all"``, ``"head"`` (the model's classification head), a list of parameter
+        name patterns (``"classifier.6"`` or ``"layer4.*"``), or ``{"last": N}`` for the head plus the
+        last N top-level blocks of the backbone.
+    :param backbone_lr_mult: learning-rate multiplier for trainable parameters outside the head
+        (discriminative learning rates).
+    """
+
+    trainable: TrainableSpec = "all"
+    backbone_lr_mult: float = 1.0
+
+
+class Strategy:
+    """Decides what trains, epoch by epoch. Subclass and override :meth:`stage`.
+
+    The runner asks for the stage at every epoch; when it changes, parameters are frozen or
+    unfrozen, frozen BatchNorm layers are put in eval mode and the optimizer and scheduler are
+    rebuilt. Because the stage is a function of the epoch, resuming needs no extra state.
+    """
+
+    name: str = "strategy"
+
+    def stage(self, epoch: int) -> Stage:  # epoch counts from 1
+        return Stage()
+
+    def describe(self) -> dict[str, Any]:
+        """What the run records about this strategy."""
+        return {"name": self.name}
+
+    def on_batch(self, images: "torch.Tensor", labels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Transform one training batch (e.g. MixUp); the default leaves it alone."""
+        return images, labels
+
+
+ModelBuilder = Callable[[ModelRequest], Any]
+DatasetBuilder = Callable[[DatasetRequest], LabelledImages]
+TransformBuilder = Callable[..., Callable[[Any], Any]]
+StrategyBuilder = Callable[..., Strategy]

@@ -1,0 +1,123 @@
+"""Name → object registries, in the manner of ``torchvision.models.list_models``/``get_model``."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass
+from typing import Generic, Iterable, TypeVar
+
+from runner.errors import DuplicateNameError, UnknownNameError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered name and where it came from."""
+
+    name: str
+    obj: T
+    plugin: str
+    distribution: str | None = None
+    version: str | None = None
+
+    @property
+    def is_family(self) -> bool:
+        """A name ending in ``*`` stands for a family, e.g. ``hub:*`` for every torch.hub model."""
+        return self.name.endswith("*")
+
+
+class Registry(Generic[T]):
+    """Names of one kind (models, datasets, …) registered by plugins.
+
+    Names are unique: registering one twice raises :class:`DuplicateNameError` naming both plugins,
+    and the name is then refused on lookup until one of the plugins is blocked.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+        self._collisions: dict[str, list[Entry[T]]] = {}
+
+    def register(
+        self,
+        name: str,
+        obj: T,
+        *,
+        plugin: str,
+        distribution: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
+        entry = Entry(name, obj, plugin, distribution, version)
+        if name in self._collisions:
+            self._collisions[name].append(entry)
+            raise DuplicateNameError(self._collision_message(name))
+        if name in self._entries:
+            self._collisions[name] = [self._entries.pop(name), entry]
+            raise DuplicateNameError(self._collision_message(name))
+        self._entries[name] = entry
+
+    def _collision_message(self, name: str) -> str:
+        plugins = " and ".join(repr(e.plugin) for e in self._collisions[name])
+        return f"{self.kind} {name!r} is registered by both {plugins}; block one of them"
+
+    def list(self, include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None) -> list[str]:
+        """Sorted registered names, optionally filtered by fnmatch patterns."""
+        names = sorted(self._entries)
+        if include is not None:
+            patterns = [include] if isinstance(include, str) else list(include)
+            names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        if exclude is not None:
+            patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+            names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        return names
+
+    def entries(self) -> list[Entry[T]]:
+        return [self._entries[n] for n in sorted(self._entries)]
+
+    def collisions(self) -> dict[str, list[Entry[T]]]:
+        return {name: list(entries) for name, entries in sorted(self._collisions.items())}
+
+    def entry(self, name: str) -> Entry[T]:
+        if name in self._collisions:
+            raise DuplicateNameError(self._collision_message(name))
+        if name in self._entries:
+            return self._entries[name]
+        family = self._family_for(name)
+        if family is not None:
+            return family
+        raise UnknownNameError(self._unknown_message(name))
+
+    def get(self, name: str) -> T:
+        return self.entry(name).obj
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._entries or (
+            isinstance(name, str) and self._family_for(name) is not None
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _family_for(self, name: str) -> Entry[T] | None:
+        families = [e for e in self._entries.values() if e.is_family and name.startswith(e.name[:-1])]
+        # the longest prefix wins, so "hub-local:*" is not shadowed by a hypothetical "hub*"
+        return max(families, key=lambda e: len(e.name), default=None)
+
+    def close_matches(self, name: str, n: int = 3) -> list[str]:
+        names = list(self._entries)
+        matches = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+        # "resnet18" should point at "torchvision:resnet18": compare against the part after the prefix
+        by_suffix = {k.split(":", 1)[-1]: k for k in names if ":" in k}
+        for m in difflib.get_close_matches(name.split(":", 1)[-1], list(by_suffix), n=n, cutoff=0.75):
+            if by_suffix[m] not in matches:
+                matches.append(by_suffix[m])
+        return matches[:n]
+
+    def _unknown_message(self, name: str) -> str:
+        matches = self.close_matches(name)
+        hint = f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+        return f"unknown {self.kind} {name!r}{hint} (`runner plugins` lists them)"

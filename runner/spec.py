@@ -1,0 +1,342 @@
+"""The experiment spec: YAML in, a validated, typed, resolved spec out.
+
+Loading never imports torch: ``runner validate`` checks names against the plugin registries
+separately (see :func:`runner.build.check_spec`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runner.errors import SpecError
+
+# --------------------------------------------------------------------------------------------
+# YAML: safe_load semantics, but a key given twice is an error instead of silently keeping the last
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            line = key_node.start_mark.line + 1
+            raise SpecError(f"duplicate key {key!r} at line {line} (the YAML would be ambiguous)")
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_without_duplicates)
+
+
+def parse_yaml(text: str, source: str = "<spec>") -> Any:
+    """``yaml.safe_load`` with duplicate keys refused; errors become one-line :class:`SpecError`."""
+    try:
+        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except SpecError as exc:
+        raise SpecError(f"{source}: {exc}") from None
+    except yaml.constructor.ConstructorError as exc:
+        raise SpecError(f"{source}: YAML tag not allowed ({exc.problem}); only plain YAML is accepted") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{source}: malformed YAML{where}: {problem}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The typed spec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class _NamedWithOptions(BaseModel):
+    """``{name: X, any: kwargs}``: the kwargs are checked against X's signature when names are resolved."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TransformStep(_NamedWithOptions):
+    pass
+
+
+class OptimizerSpec(_NamedWithOptions):
+    name: str = "Adam"
+
+
+class SchedulerSpec(_NamedWithOptions):
+    pass
+
+
+class LossSpec(_NamedWithOptions):
+    name: str = "CrossEntropyLoss"
+
+
+class StrategySpec(_NamedWithOptions):
+    name: str = "full_finetune"
+
+
+class SplitSpec(_Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    seed: Optional[int] = Field(None, description="seed of the split; the run's seed when null")
+
+    @model_validator(mode="after")
+    def _fractions_add_up(self) -> "SplitSpec":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must add up to 1, got {total:g}")
+        return self
+
+
+class DataSpec(_Strict):
+    dataset: str = "mnist_bundled"
+    options: dict[str, Any] = Field(default_factory=dict)
+    classes: Optional[list[int]] = None
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    train_per_class: Optional[int] = Field(None, gt=0, description="keep only this many training samples per class")
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: Optional[int] = Field(None, gt=0)
+    num_workers: int = Field(0, ge=0)
+    channels: Literal["auto", 1, 3] = "auto"
+    on_corrupt: Literal["error", "skip"] = "error"
+
+
+class WeightsFromFile(_Strict):
+    file: str
+
+
+class WeightsFromRun(_Strict):
+    run: str
+
+
+class WeightsFromExperiment(_Strict):
+    experiment: str
+
+
+WeightsSpec = Union[None, str, WeightsFromFile, WeightsFromRun, WeightsFromExperiment]
+
+
+class ModelSpec(_Strict):
+    name: str
+    num_classes: Optional[int] = Field(None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+    weights: WeightsSpec = None
+    surgery: dict[str, Any] = Field(default_factory=dict)
+    trust_repo: bool = False
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _one_weights_source(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", "random", ""):
+            return None
+        if isinstance(value, dict):
+            forms = {"file": WeightsFromFile, "run": WeightsFromRun, "experiment": WeightsFromExperiment}
+            keys = [k for k in value if k in forms]
+            if len(keys) != 1 or len(value) != 1:
+                raise ValueError("weights must be none, a weights name such as IMAGENET1K_V1, "
+                                 "or one of {file: PATH}, {run: RUN_ID}, {experiment: SPEC_PATH}")
+            return forms[keys[0]](**value)
+        if value is not None and not isinstance(value, str):
+            raise ValueError("weights must be none, a weights name, {file: …}, {run: …} or {experiment: …}")
+        return value
+
+
+class EarlyStoppingSpec(_Strict):
+    monitor: str = "val_loss"
+    mode: Optional[Literal["min", "max"]] = None
+    patience: int = Field(3, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+    restore_best: bool = True
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("min" if "loss" in self.monitor else "max")
+
+
+class TrainingSpec(_Strict):
+    epochs: int = Field(10, gt=0)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="Adam", lr=1e-3))
+    scheduler: Optional[SchedulerSpec] = None
+    loss: LossSpec = Field(default_factory=LossSpec)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    early_stopping: Optional[EarlyStoppingSpec] = None
+
+
+DEFAULT_TRANSFORMS: list[dict[str, Any]] = [{"name": "ToImage"}, {"name": "ToDtype", "dtype": "float32", "scale": True}]
+
+
+class TransformsSpec(_Strict):
+    train: list[TransformStep] = Field(default_factory=lambda: [TransformStep(**t) for t in DEFAULT_TRANSFORMS])
+    eval: Optional[list[TransformStep]] = Field(
+        None, description="defaults to the training transforms with the random ones left out"
+    )
+
+
+class Spec(_Strict):
+    name: str = "experiment"
+    description: str = ""
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec
+    transforms: TransformsSpec = Field(default_factory=TransformsSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    # ---- what gets stored -------------------------------------------------------------------
+    def resolved(self) -> dict[str, Any]:
+        """The spec with defaults applied, as plain JSON-compatible data."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved spec: equal specs, equal hash."""
+        canonical = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"training.epochs=3"`` → (["training", "epochs"], 3); the value is parsed as a YAML scalar."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set expects KEY=VALUE, got {text!r}")
+    value = parse_yaml(raw, source=f"--set {key}") if raw.strip() else None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a spec mapping. Unknown keys are caught by validation, not here."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_spec(source: str | Path | dict[str, Any] | Spec, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read, override and validate a spec from a YAML path, a mapping or a typed :class:`Spec`."""
+    if isinstance(source, Spec):
+        raw: Any = source.resolved()
+        label = "<spec>"
+    elif isinstance(source, dict):
+        raw = json.loads(json.dumps(source))  # a deep copy; overrides must not touch the caller's mapping
+        label = "<spec>"
+    else:
+        path = Path(source)
+        label = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SpecError(f"spec file not found: {path}") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+            raise SpecError(f"cannot read spec {path}: {exc.__class__.__name__}") from None
+        raw = parse_yaml(text, source=label)
+        if raw is None:
+            raise SpecError(f"{label}: the spec is empty")
+        if isinstance(raw, dict):
+            raw.setdefault("name", path.stem)
+    if not isinstance(raw, dict):
+        raise SpecError(f"{label}: a spec must be a mapping of keys to values, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"{label}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line: each problem as ``key.path: message`` with a "did you mean" for unknown keys."""
+    problems = []
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+        loc = _drop_union_branch_names(loc)
+        key = ".".join(loc) or "<spec>"
+        if error["type"] == "extra_forbidden":
+            suggestion = _did_you_mean(loc)
+            problems.append(f"unknown key {key!r}{suggestion}")
+        elif error["type"] == "missing":
+            problems.append(f"missing required key {key!r}")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message} (got {error.get('input')!r})")
+    unique = list(dict.fromkeys(problems))
+    return "; ".join(unique[:3]) + (f"; and {len(unique) - 3} more" if len(unique) > 3 else "")
+
+
+_BRANCH_NAMES = {"str", "WeightsFromFile", "WeightsFromRun", "WeightsFromExperiment", "int", "float"}
+
+
+def _drop_union_branch_names(loc: list[str]) -> list[str]:
+    return [p for p in loc if p not in _BRANCH_NAMES]
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    fields = _field_names_at(Spec, loc[:-1])
+    matches = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.6)
+    return f"; did you mean {'.'.join([*loc[:-1], matches[0]])!r}?" if matches else ""
+
+
+def _field_names_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    current: Any = model
+    for part in path:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
