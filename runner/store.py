@@ -24,7 +24,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from runner.errors import RunNotFoundError, StoreError
 
-SCHEMA_VERSION = 1
 DEFAULT_DB = "results.db"
 DB_ENV = "RUNNER_DB"
 STATUSES = ("running", "completed", "failed", "interrupted", "lost")
@@ -121,6 +120,21 @@ class Checkpoint(Base):
     size_bytes: Mapped[int] = mapped_column(sa.Integer)
 
 
+# ------------------------------------------------------------------------------------------
+# Schema migrations: ordered functions, each bringing a store from version N-1 to N. A new store is
+# created from the models above and stamped with the newest version; an older store runs the
+# migrations it lacks, in order, in one transaction each. Never edit a released migration: add one.
+
+
+def m001_initial(conn: sa.Connection) -> None:
+    """Version 1, the first release: created from the models (the fixture tests/data/store_v1.db)."""
+    Base.metadata.create_all(conn)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -149,7 +163,8 @@ def _retrying(action: Callable[[], T], attempts: int = 8) -> T:
         try:
             return action()
         except OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or attempt == attempts - 1:
+            transient = any(word in str(exc) for word in ("locked", "busy", "already exists"))
+            if not transient or attempt == attempts - 1:
                 raise
             time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
@@ -187,15 +202,30 @@ class Store:
 
     def _create_or_check_schema(self) -> None:
         with self.engine.begin() as conn:
-            Base.metadata.create_all(conn)
-            version = conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar()
+            has_meta = sa.inspect(conn).has_table(Meta.__tablename__)
+            version = conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar() if has_meta else None
             if version is None:
+                if sa.inspect(conn).get_table_names():
+                    raise StoreError(f"{self.path or self.url} holds tables but is not a runner results store")
+                Base.metadata.create_all(conn)
                 conn.execute(sa.insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(version) > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the store {self.path or self.url} has schema version {version}, newer than this runner "
-                    f"understands ({SCHEMA_VERSION}); upgrade runner-dl"
-                )
+                return
+            version = int(version)
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store {self.path or self.url} has schema version {version}, newer than this runner "
+                f"understands ({SCHEMA_VERSION}); upgrade runner-dl"
+            )
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            self._migrate_to(number)
+
+    def _migrate_to(self, number: int) -> None:
+        with self.engine.begin() as conn:
+            current = int(conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar_one())
+            if current >= number:  # another process got there first
+                return
+            MIGRATIONS[number - 1](conn)
+            conn.execute(sa.update(Meta).where(Meta.key == "schema_version").values(value=str(number)))
 
     def schema_version(self) -> int:
         with self.engine.connect() as conn:

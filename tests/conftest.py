@@ -1,0 +1,89 @@
+"""Shared fixtures: a CLI invoker, a tiny spec, and one tiny trained run per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = Path(__file__).resolve().parent / "specs"
+TINY_SPEC = SPECS / "tiny.yaml"
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test may touch results.db in the repository or a user's TORCH_HOME."""
+    monkeypatch.delenv("RUNNER_DB", raising=False)
+    monkeypatch.delenv("RUNNER_DISABLE_PLUGINS", raising=False)
+    monkeypatch.delenv("RUNNER_BLOCK_PLUGINS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """Run ``runner ARGS…`` in-process (torch is imported once per session, not per call)."""
+    from runner.cli import main
+
+    def invoke(*args: Any) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
+
+
+@pytest.fixture
+def tiny_spec() -> Path:
+    return TINY_SPEC
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "results.db"
+
+
+@dataclass
+class TrainedRun:
+    db: Path
+    run_id: str
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """One completed tiny run, shared by tests that only read it. Do not modify it."""
+    from runner.execute import run_experiment
+    from runner.store import Store
+
+    directory = tmp_path_factory.mktemp("trained")
+    previous = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(directory / "torch_home")
+    try:
+        store = Store(directory / "results.db")
+        outcome = run_experiment(TINY_SPEC, store=store)
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_HOME", None)
+        else:
+            os.environ["TORCH_HOME"] = previous
+    return TrainedRun(directory / "results.db", outcome.run_id)
