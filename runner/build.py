@@ -164,6 +164,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def unsafe_load_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words that do not invite an unsafe retry."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        # torch's first paragraph suggests weights_only=False; the useful line names what was refused
+        detail = next((line.strip() for line in text.splitlines()[1:] if "GLOBAL" in line or "Unsupported" in line), "")
+        return ("refused: it holds pickled code or objects other than tensors, and is only ever loaded with "
+                f"weights_only=True{f' ({detail[:160]})' if detail else ''}")
+    first = text.splitlines()[0][:160] if text else ""
+    return f"cannot be read as a PyTorch file ({type(exc).__name__}{f': {first}' if first else ''})"
+
+
 def load_state_dict_file(path: Path, source: str) -> dict[str, torch.Tensor]:
     """``torch.load(weights_only=True)``: files carrying pickled code are refused, never retried unsafely."""
     if not path.is_file():
@@ -171,8 +183,7 @@ def load_state_dict_file(path: Path, source: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for pickled code; RuntimeError for non-torch files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"weights {source} cannot be loaded safely (weights_only=True): {first[:200]}") from None
+        raise SpecError(f"weights {source} {unsafe_load_reason(exc)}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a runner checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -211,6 +222,7 @@ class Prepared:
     replaced: list[str]
     used_names: dict[str, list[str]]
     settings: dict[str, Any] = field(default_factory=dict)
+    train_transform_random: bool = False
 
 
 def resolve_names(spec: Spec, registries: Registries) -> None:
@@ -255,7 +267,7 @@ def resolve_spec(spec: Spec, registries: Registries) -> Spec:
 
 def load_dataset(spec: Spec, registries: Registries, base_dir: str) -> tuple[Any, Any, dict[int, int], list[str]]:
     builder = registries.datasets.get(spec.data.dataset)
-    dataset = builder(DatasetRequest(name=spec.data.dataset, options=dict(spec.data.options), base_dir=base_dir))
+    dataset = builder(DatasetRequest(name=spec.data.dataset, options=dict(spec.data.options), base_dir=base_dir, on_corrupt=spec.data.on_corrupt))
     if len(dataset) == 0:
         raise SpecError(f"data.dataset: {spec.data.dataset} is empty")
     targets = data_mod.dataset_targets(dataset)
@@ -297,22 +309,25 @@ def prepare(spec: Spec, registries: Registries, base_dir: str = ".", load_weight
     split = _split_filtered(targets, keep, spec)
 
     train_steps, eval_steps = list(spec.transforms.train), list(spec.transforms.eval or [])
-    eval_transform = build_transform(registries, eval_steps, "transforms.eval")
-    sample = eval_transform(dataset[int(split.train[0])][0])
-    if not isinstance(sample, torch.Tensor) or sample.ndim != 3:
-        raise SpecError("transforms.eval must turn an image into a (C, H, W) tensor (add ToImage and ToDtype)")
+    raw_sample = dataset[int(split.train[0])][0]
+    sample = _transformed_sample(registries, eval_steps, raw_sample)
+    needs_rgb = sample is None  # e.g. a weights preset that normalises three channels, given grayscale
+    if needs_rgb:
+        sample = _transformed_sample(registries, with_rgb_expansion(eval_steps), raw_sample)
+        if sample is None:
+            _transformed_sample(registries, eval_steps, raw_sample, raise_errors=True)
     input_shape = tuple(int(s) for s in sample.shape)
 
     model, replaced, weights = build_model(spec, registries, input_shape, load_weights=load_weights, store=store, base_dir=base_dir)  # type: ignore[arg-type]
 
     wants = input_channels(model)
-    expand = spec.data.channels == 3 or (spec.data.channels == "auto" and input_shape[0] == 1 and wants == 3)
+    expand = needs_rgb or spec.data.channels == 3 or (spec.data.channels == "auto" and input_shape[0] == 1 and wants == 3)
     if expand:
         train_steps, eval_steps = with_rgb_expansion(train_steps), with_rgb_expansion(eval_steps)
-        eval_transform = build_transform(registries, eval_steps, "transforms.eval")
         input_shape = (3, *input_shape[1:])
     elif wants is not None and wants != input_shape[0]:
         raise SpecError(f"the model expects {wants}-channel images but the data has {input_shape[0]} channels")
+    eval_transform = build_transform(registries, eval_steps, "transforms.eval")
     train_transform = build_transform(registries, train_steps, "transforms.train")
 
     strategy = build_strategy(spec, registries)
@@ -327,13 +342,14 @@ def prepare(spec: Spec, registries: Registries, base_dir: str = ".", load_weight
         subset = data_mod.Relabelled(dataset, indices, label_map, None)
         return data_mod.make_loader(subset, transform, deterministic, batch, shuffle, seed + offset, spec.data.num_workers, pin)
 
-    return Prepared(
+    prepared = Prepared(
         spec=spec,
         device=device,
         model=model,
         class_names=class_names,
         input_shape=input_shape,  # type: ignore[arg-type]
         strategy=strategy,
+        train_transform_random=train_random,
         train_loader=loader(split.train, train_transform, not train_random, spec.data.batch_size, True, 0),
         val_loader=loader(split.val, eval_transform, True, eval_batch, False, 1),
         test_loader=loader(split.test, eval_transform, True, eval_batch, False, 2),
@@ -345,8 +361,38 @@ def prepare(spec: Spec, registries: Registries, base_dir: str = ".", load_weight
             "strategy": [spec.training.strategy.name],
             "transform": sorted({s.name for s in train_steps + eval_steps}),
         },
-        settings={"rgb_expanded": expand, "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)}},
+        settings={"rgb_expanded": expand, "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+                  "skipped_corrupt": list(getattr(dataset, "skipped_corrupt", [])),  # data.on_corrupt: skip
+                  # what predict and export need to rebuild the model and read images as the data was read
+                  "data_shape": list(sample.shape), "input_shape": list(input_shape),
+                  "image_type": "tensor" if isinstance(raw_sample, torch.Tensor) else "PIL", "image_mode": image_mode(raw_sample)},
     )
+    from runner import feature_cache
+
+    reason = feature_cache.blocker(prepared)
+    prepared.settings["feature_cache"] = "on" if reason is None else f"off: {reason}"
+    return prepared
+
+
+def _transformed_sample(registries: Registries, steps: list[TransformStep], image: Any, raise_errors: bool = False) -> Any:
+    """One image after the eval transforms; None when they fail on it (unless ``raise_errors``)."""
+    transform = build_transform(registries, steps, "transforms.eval")
+    try:
+        sample = transform(image)
+    except Exception as exc:
+        if raise_errors:
+            raise SpecError(f"transforms.eval failed on a sample image: {str(exc).splitlines()[0]}") from None
+        return None
+    if not isinstance(sample, torch.Tensor) or sample.ndim != 3:
+        raise SpecError("transforms.eval must turn an image into a (C, H, W) tensor (add ToImage and ToDtype)")
+    return sample
+
+
+def image_mode(image: Any) -> str | None:
+    """The PIL mode a dataset's images have: a new image is converted to it before preprocessing."""
+    if isinstance(image, torch.Tensor):
+        return {1: "L", 3: "RGB", 4: "RGBA"}.get(int(image.shape[-3])) if image.ndim >= 3 else "L"
+    return getattr(image, "mode", None)
 
 
 def _split_filtered(targets: Any, keep: Any, spec: Spec) -> data_mod.SplitIndices:

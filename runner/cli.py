@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,19 @@ def _store(db: str | None, artifacts: str | None = None, create: bool = True) ->
 
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _load_registries() -> Any:
+    """The plugin registries; every plugin that failed to load is one warning line on stderr.
+
+    A broken plugin only warns: a spec that does not use its names still runs.
+    """
+    from runner.plugins import load_registries
+
+    registries = load_registries()
+    for problem in registries.problems:
+        click.echo(f"warning: {problem}", err=True)
+    return registries
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -62,10 +76,25 @@ def run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str |
     from runner.spec import load_spec
 
     load_spec(spec, list(overrides))  # a bad spec must fail before the store is touched
-    outcome = run_experiment(spec, overrides, store=_store(db, artifacts), device=device, quiet=quiet)
+    registries = _load_registries()
+    outcome = run_experiment(spec, overrides, store=_store(db, artifacts), device=device, quiet=quiet, registries=registries)
     if not quiet:
         acc = outcome.test.get("accuracy")
         click.echo(f"run {outcome.run_id} completed: test accuracy {acc:.4f}", err=True)
+    click.echo(outcome.run_id)
+
+
+@cli.command()
+@click.argument("run_id")
+@db_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def resume(run_id: str, db: str | None, quiet: bool) -> None:
+    """Continue an interrupted, failed or lost run from its last checkpoint, into the same run id."""
+    from runner.resume import resume_run
+
+    outcome = resume_run(run_id, _store(db, create=False), quiet=quiet, registries=_load_registries())
+    if not quiet:
+        click.echo(f"run {outcome.run_id} completed: test accuracy {outcome.test.get('accuracy'):.4f}", err=True)
     click.echo(outcome.run_id)
 
 
@@ -75,10 +104,9 @@ def run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str |
 def validate(spec: Path, overrides: tuple[str, ...]) -> None:
     """Check SPEC (keys, types, names, arguments) without running it."""
     from runner.build import resolve_spec
-    from runner.plugins import load_registries
     from runner.spec import load_spec
 
-    resolved = resolve_spec(load_spec(spec, list(overrides)), load_registries())
+    resolved = resolve_spec(load_spec(spec, list(overrides)), _load_registries())
     click.echo(f"{spec}: ok ({resolved.model.name}, {resolved.training.strategy.name}, {resolved.training.epochs} epochs)")
 
 
@@ -87,16 +115,20 @@ def validate(spec: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--status", default=None, help="Only runs with this status.")
 @click.option("--name", default=None, metavar="GLOB", help="Only runs whose name matches.")
 @click.option("--limit", type=int, default=None)
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Only runs with this tag; repeatable (all must match).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def runs(db: str | None, status: str | None, name: str | None, limit: int | None, fmt: str) -> None:
+def runs(db: str | None, status: str | None, name: str | None, limit: int | None, tags: tuple[str, ...], fmt: str) -> None:
     """List runs, newest first."""
     from runner.reports import runs_list
 
-    rows = runs_list(_store(db, create=False), status=status, name=name, limit=limit)
+    rows = runs_list(_store(db, create=False), status=status, name=name, limit=limit, tags=tags)
     if fmt == "json":
         _echo_json(rows)
     else:
-        click.echo(_table(rows, ["id", "name", "status", "model", "strategy", "seed", "epochs_run", "best_val_accuracy", "test_accuracy", "started_at"]))
+        columns = ["id", "name", "status", "model", "strategy", "seed", "epochs_run", "best_val_accuracy", "test_accuracy", "started_at"]
+        if any(row["tags"] for row in rows):
+            rows, columns = [{**row, "tags": ",".join(row["tags"])} for row in rows], [*columns, "tags"]
+        click.echo(_table(rows, columns))
 
 
 @cli.command()
@@ -120,67 +152,109 @@ def show(run_id: str, db: str | None, fmt: str) -> None:
     click.echo(f"{'test':18} {details['test']}")
     if details["error"]:
         click.echo(f"{'error':18} {details['error']}")
+    if details["tags"]:
+        click.echo(f"{'tags':18} {', '.join(details['tags'])}")
     if details["epochs"]:
         click.echo("\n" + _table(details["epochs"], list(details["epochs"][0])))
+    if details["evaluations"]:
+        rows = [{**e, "overrides": " ".join(e["overrides"]) or "-"} for e in details["evaluations"]]
+        click.echo("\nevaluations\n" + _table(rows, ["id", "created_at", "split", "checkpoint", "dataset", "overrides",
+                                                                      "samples", "loss", "accuracy", "f1_macro"]))
 
 
 @cli.command()
 @db_option
-@click.option("--status", default=None)
-@click.option("--name", default=None, metavar="GLOB")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "html", "json"]), default="table")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def report(db: str | None, status: str | None, name: str | None, fmt: str, output: Path | None) -> None:
+@click.option("--status", default=None, help="Only runs with this status.")
+@click.option("--name", default=None, metavar="GLOB", help="Only runs whose name matches.")
+@click.option("--since", default=None, metavar="DATE", help="Only runs started since DATE (ISO, UTC) or an age such as 7d, 12h.")
+@click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only runs whose resolved spec has KEY=VALUE (e.g. model.name=cnn); repeatable.")
+@click.option("--columns", default=None, metavar="COL[,COL]", help="Columns to show: report columns or resolved-spec keys.")
+@click.option("--sort", default=None, metavar="[-]COL[,...]", help="Sort by these columns; a leading '-' sorts descending.")
+@click.option("--group-by", "group_by", default=None, metavar="KEY[,KEY]", help="Aggregate runs: n, mean, std and 95% CI of each metric.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "html", "json", "parquet", "latex"]), default=None,
+              help="Output format (default: from -o's extension, else table).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE instead of stdout.")
+@click.option("--max-plots", type=click.IntRange(min=0), default=20, show_default=True, help="HTML: runs that get figures.")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Only runs with this tag; repeatable (all must match).")
+def report(db: str | None, status: str | None, name: str | None, since: str | None, where: tuple[str, ...], columns: str | None,
+           sort: str | None, group_by: str | None, fmt: str | None, output: Path | None, max_plots: int,
+           tags: tuple[str, ...]) -> None:
     """A report of runs (pandas), printed or written to a file."""
-    from runner.reports import report_frame
+    from runner import reports
 
-    frame = report_frame(_store(db, create=False), status=status, name=name)
-    writers: dict[str, Callable[[], str]] = {
-        "table": lambda: frame.to_string(index=False),
-        "csv": lambda: frame.to_csv(index=False),
-        "markdown": lambda: frame.to_markdown(index=False),
-        "html": lambda: frame.to_html(index=False),
-        "json": lambda: frame.to_json(orient="records", indent=2),
-    }
-    text = writers[fmt]()
+    fmt = reports.output_format(fmt, output)
+    request = reports.make_request(status=status, name=name, since=since, where=where, columns=columns, sort=sort, group_by=group_by,
+                                   tags=tags)
+    store = _store(db, create=False)
+    data = reports.render(reports.build_report(store, request), fmt, store=store, max_plots=max_plots)
     if output is None:
-        click.echo(text)
+        click.echo(data)
     else:
-        output.write_text(text, encoding="utf-8")
+        reports.write_atomically(output, data)
         click.echo(f"wrote {output}", err=True)
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def plugins(fmt: str) -> None:
-    """Every registered name per kind, with the plugin that provided it."""
-    from runner.plugins import load_registries
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID RUN_ID...")
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the per-epoch curves, overlaid (.png, .svg, .pdf).")
+def compare(run_ids: tuple[str, ...], db: str | None, fmt: str, output: Path | None) -> None:
+    """The resolved-spec keys that differ between runs, side by side with their metrics."""
+    from runner import reports
 
-    registries = load_registries()
-    rows = []
-    for kind, registry in registries.by_kind().items():
-        collided = registry.collisions()
-        for entry in registry.entries():
-            rows.append({"kind": kind, "name": entry.name, "plugin": entry.plugin, "distribution": entry.distribution, "version": entry.version, "collision": ""})
-        for name, entries in collided.items():
-            for entry in entries:
-                rows.append({"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution, "version": entry.version, "collision": "COLLISION"})
+    store = _store(db, create=False)
+    comparison = reports.compare_runs(store, run_ids)
+    if output is not None:
+        reports.compare_plot(store, comparison.run_ids, output)
+        click.echo(f"wrote {output}", err=True)
     if fmt == "json":
-        _echo_json({"names": rows, "problems": [str(p) for p in registries.problems]})
+        _echo_json(comparison.to_json())
+    else:
+        click.echo(comparison.to_text())
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID [RUN_ID...]")
+@db_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The figure file (.png, .svg, .pdf).")
+def plot(run_ids: tuple[str, ...], db: str | None, output: Path) -> None:
+    """Learning curves (train vs validation) and the test confusion matrix of each run."""
+    from runner import reports
+
+    reports.plot_runs(_store(db, create=False), run_ids, output)
+    click.echo(f"wrote {output}", err=True)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--kind", type=click.Choice(["model", "dataset", "transform", "strategy"]), default=None, help="Only names of this kind.")
+@click.option("--plugin", "plugin_name", default=None, metavar="NAME", help="Only names from this plugin (plugin or distribution name).")
+def plugins(fmt: str, kind: str | None, plugin_name: str | None) -> None:
+    """Every registered name: kind, providing plugin, distribution, version; collisions flagged."""
+    from runner.plugins import name_rows, plugin_rows
+
+    registries = _load_registries()
+    rows = [r for r in name_rows(registries) if (kind is None or r["kind"] == kind)
+            and (plugin_name is None or plugin_name in (r["plugin"], r["distribution"]))]
+    if fmt == "json":
+        _echo_json({"names": rows, "problems": [str(p) for p in registries.problems],
+                    "plugins": plugin_rows(registries), "skipped": registries.skipped})
     else:
         click.echo(_table(rows, ["kind", "name", "plugin", "distribution", "version", "collision"]))
-    for problem in registries.problems:
-        click.echo(f"warning: {problem}", err=True)
+    for name, reason in registries.skipped.items():
+        click.echo(f"note: plugin {name!r} not loaded ({reason})", err=True)
 
 
 @cli.command()
 @click.argument("pattern", required=False)
 def models(pattern: str | None) -> None:
     """Model names (optionally an fnmatch PATTERN) with their source plugin."""
-    from runner.plugins import load_registries
-
-    registry = load_registries().models
-    names = registry.list(include=pattern if pattern is None or any(c in pattern for c in "*?[") else f"*{pattern}*")
+    registry = _load_registries().models
+    if pattern is not None and not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
+    # "vgg1*" matches "torchvision:vgg16": a pattern may leave out the source prefix
+    names = [n for n in registry.list() if pattern is None or fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.split(":", 1)[-1], pattern)]
     click.echo(_table([{"name": n, "plugin": registry.entry(n).plugin} for n in names], ["name", "plugin"]))
 
 
@@ -192,11 +266,10 @@ def summary(spec: Path, overrides: tuple[str, ...]) -> None:
     from runner.build import prepare
     from runner.execute import model_summary
     from runner.models import count_parameters
-    from runner.plugins import load_registries
     from runner.spec import load_spec
     from runner.training import apply_stage
 
-    prepared = prepare(load_spec(spec, list(overrides)), load_registries(), base_dir=str(spec.parent), load_weights=False)
+    prepared = prepare(load_spec(spec, list(overrides)), _load_registries(), base_dir=str(spec.parent), load_weights=False)
     apply_stage(prepared.model, prepared.strategy.stage(1))
     total, trainable = count_parameters(prepared.model)
     click.echo(model_summary(prepared.model, prepared.input_shape, "cpu"))
@@ -204,20 +277,183 @@ def summary(spec: Path, overrides: tuple[str, ...]) -> None:
     click.echo(f"trainable parameters: {trainable:,}")
 
 
+# ------------------------------------------------------------------------------------------
+# Using trained runs: eval, predict, export, reproduce; managing runs: tag, delete, prune
+
+checkpoint_option = click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+                                 help="Which of the run's checkpoints to use.")
+device_option = click.option("--device", default=None, help="cpu, cuda, cuda:N, mps or auto (default: cpu for a run trained on the CPU, else auto).")
+
+
+@cli.command("eval")
+@click.argument("run_id")
+@click.option("--set", "overrides", multiple=True, metavar="data.KEY=VALUE", help="Evaluate on other data: override a data.* key of the run's spec; repeatable.")
+@click.option("--split", type=click.Choice(["test", "val", "all"]), default="test", show_default=True,
+              help="The run's (seeded) test or val split, or all images of the data (e.g. other data given with --set).")
+@checkpoint_option
+@device_option
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def eval_command(run_id: str, overrides: tuple[str, ...], split: str, checkpoint: str, device: str | None, db: str | None, fmt: str) -> None:
+    """Evaluate RUN_ID's checkpoint with its own evaluation transforms, and store the result.
+
+    On the run's own test split this recomputes its stored test metrics when the checkpoint holds
+    the weights that were tested: the best epoch's, if it was the last epoch or early stopping
+    restored it; otherwise the last epoch's (--checkpoint last).
+    """
+    from runner.inference import evaluate_run
+
+    result = evaluate_run(_store(db, create=False), run_id, split=split, overrides=overrides, checkpoint=checkpoint, device=device)
+    if fmt == "json":
+        _echo_json(result)
+        return
+    click.echo(f"run {result['run_id']} ({checkpoint} checkpoint, epoch {result['checkpoint_epoch']}) on {result['dataset']} "
+               f"{split} split, {result['samples']} images:")
+    click.echo(f"loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  f1_macro {result['f1_macro']:.4f}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE_OR_DIR...")
+@click.option("--top-k", "-k", "top_k", type=click.IntRange(min=1), default=3, show_default=True, help="Classes to list per image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per batch (default: the run's evaluation batch size).")
+@checkpoint_option
+@device_option
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+def predict(run_id: str, images: tuple[Path, ...], top_k: int, batch_size: int | None, checkpoint: str, device: str | None,
+            db: str | None, fmt: str) -> None:
+    """Classify images (files, or directories searched recursively) with RUN_ID's model."""
+    from runner.inference import load_run_model, predict_images
+
+    run_model = load_run_model(_store(db, create=False), run_id, checkpoint=checkpoint, device=device, registries=_load_registries())
+    predictions = predict_images(run_model, images, top_k=top_k, batch_size=batch_size)
+    if fmt == "json":
+        _echo_json(predictions)
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["path", "rank", "class", "prob"])
+        for p in predictions:
+            writer.writerows([p["path"], rank, t["class"], f"{t['prob']:.6g}"] for rank, t in enumerate(p["top"], 1))
+    else:
+        rows = [{"path": p["path"], "class": p["top"][0]["class"], "prob": p["top"][0]["prob"],
+                 "next": ", ".join(f"{t['class']} {t['prob']:.3f}" for t in p["top"][1:])} for p in predictions]
+        click.echo(_table(rows, ["path", "class", "prob", "next"] if top_k > 1 else ["path", "class", "prob"]))
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--format", "fmt", type=click.Choice(["state_dict", "torchscript", "onnx"]), required=True, help="onnx needs the extra: pip install 'runner-dl[onnx]'.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The model file; FILE.json beside it records class names and preprocessing.")
+@checkpoint_option
+@db_option
+def export(run_id: str, fmt: str, output: Path, checkpoint: str, db: str | None) -> None:
+    """Write RUN_ID's model as a state dict, TorchScript or ONNX file, checked to give the same logits."""
+    from runner.export import export_run
+
+    result = export_run(_store(db, create=False), run_id, fmt, output, checkpoint=checkpoint)
+    check = (f"same logits as the checkpoint with {result.checked_with} (max difference {result.max_abs_diff:.2g})"
+             if result.max_abs_diff is not None else "not checked: onnxruntime is not installed")
+    click.echo(f"wrote {result.path} ({fmt}; {check})")
+    click.echo(f"wrote {result.sidecar} (class names, input shape, preprocessing)")
+
+
+@cli.command()
+@click.argument("run_id")
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def reproduce(run_id: str, db: str | None, fmt: str, quiet: bool) -> None:
+    """Re-run RUN_ID's stored resolved spec into a new run and compare per-epoch metrics (exit 1 if they differ)."""
+    from runner.reproduce import reproduce_run
+
+    result = reproduce_run(_store(db, create=False), run_id, quiet=quiet, registries=_load_registries())
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if fmt == "json":
+        _echo_json(result.as_dict())
+    elif result.difference is None:
+        click.echo(f"identical: run {result.reproduction} reproduces run {result.original} ({result.epochs} epochs and test metrics, bit for bit)")
+    else:
+        click.echo(f"run {result.reproduction} {result.difference.describe()}")
+    if result.difference is not None:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("tags", nargs=-1, metavar="[TAG...]")
+@click.option("--remove", "-r", multiple=True, metavar="TAG", help="Remove this tag; repeatable.")
+@db_option
+def tag(run_id: str, tags: tuple[str, ...], remove: tuple[str, ...], db: str | None) -> None:
+    """Add TAGs to RUN_ID (or --remove them) and print its tags; `runs` and `report` filter with --tag."""
+    from runner.manage import tag_run
+
+    store = _store(db, create=False)
+    current = tag_run(store, run_id, add=tags, remove=remove)
+    click.echo(f"{store.resolve_run_id(run_id)}: {', '.join(current) if current else '(no tags)'}")
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Also delete runs still marked running (whose process is gone).")
+@db_option
+def delete(run_ids: tuple[str, ...], yes: bool, force: bool, db: str | None) -> None:
+    """Delete runs: every stored row and every artefact (checkpoints). Asks first unless --yes."""
+    from runner.manage import delete_plan, delete_runs, human_bytes
+
+    store = _store(db, create=False)
+    plan = delete_plan(store, run_ids, force=force)
+    if not yes:
+        click.confirm(f"delete {len(plan.run_ids)} run(s) ({', '.join(plan.run_ids)}) and {human_bytes(plan.bytes)} of files?", abort=True)
+    freed = delete_runs(store, plan)
+    click.echo(f"deleted {len(plan.run_ids)} run(s): {', '.join(plan.run_ids)}; freed {freed} bytes ({human_bytes(freed)})")
+
+
+@cli.command()
+@click.option("--keep", type=click.Choice(["best", "last", "both"]), default="best", show_default=True, help="Checkpoints each run keeps.")
+@click.option("--older-than", default=None, metavar="AGE", help="Only runs that ended more than AGE ago (30d, 12h, 90m, 2w).")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def prune(keep: str, older_than: str | None, dry_run: bool, yes: bool, db: str | None, fmt: str) -> None:
+    """Apply a checkpoint retention policy to completed runs and say how much disk it freed."""
+    from runner import manage
+
+    store = _store(db, create=False)
+    candidates = manage.prune_candidates(store, keep, older_than)
+    if candidates and not (yes or dry_run):
+        files = sum(len(kinds) for kinds in candidates.values())
+        click.confirm(f"remove {files} checkpoint file(s) from {len(candidates)} run(s), keeping {keep}?", abort=True)
+    result = manage.prune(store, keep=keep, older_than=older_than, dry_run=dry_run)
+    if fmt == "json":
+        _echo_json(result.as_dict())
+        return
+    verb = "would free" if dry_run else "freed"
+    done = "to prune" if dry_run else "pruned"
+    click.echo(f"{len(result.runs_pruned)} of {result.runs_considered} completed run(s) {done} (keep {keep}): "
+               f"{result.files_removed} checkpoint file(s), {verb} {result.bytes_freed} bytes ({manage.human_bytes(result.bytes_freed)})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (1 for failed runs)."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="runner", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:
+        cause = exc.__cause__  # click turns a KeyboardInterrupt (e.g. a run's interruption) into Abort
+        click.echo(str(cause) if isinstance(cause, KeyboardInterrupt) and str(cause) else "aborted", err=True)
+        sys.exit(getattr(cause, "exit_code", 130))
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # a run's interruption names the run and how to resume it
+        click.echo(str(exc) or "interrupted", err=True)
+        sys.exit(getattr(exc, "exit_code", 130))
     except Exception as exc:
         if debug:
             raise

@@ -111,12 +111,18 @@ class TensorBatches:
     from the same kind of seeded generator, so runs stay reproducible.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, generator: torch.Generator | None) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+        generator: torch.Generator | None, draws_base_seed: bool = False,
+    ) -> None:
         self.images = images
         self.labels = labels
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
+        # a DataLoader draws a worker base seed from its generator before shuffling; standing in for
+        # one (the feature cache), the same draw keeps the order of samples identical
+        self.draws_base_seed = draws_base_seed
         self.dataset = images  # len(loader.dataset), as with a DataLoader
 
     def __len__(self) -> int:
@@ -124,6 +130,8 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
+        if self.draws_base_seed:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         for start in range(0, n, self.batch_size):
             if order is None:

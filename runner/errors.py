@@ -28,6 +28,10 @@ class DuplicateNameError(RunnerError):
     """Two plugins registered the same name."""
 
 
+class CorruptImageError(RunnerError):
+    """An image file of the dataset cannot be read; the message names the file."""
+
+
 class StoreError(RunnerError):
     """The results store cannot be opened, is not a runner store, or is too new."""
 

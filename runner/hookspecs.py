@@ -8,19 +8,19 @@ Built-in models, datasets, transforms and strategies are registered through thes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
-    from runner.interfaces import DatasetBuilder, ModelBuilder, StrategyBuilder, TransformBuilder
+    from runner.interfaces import RegisterDataset, RegisterModel, RegisterStrategy, RegisterTransform
 
 hookspec = pluggy.HookspecMarker("runner")
 hookimpl = pluggy.HookimplMarker("runner")
 
 
 @hookspec
-def runner_register_models(register: Callable[[str, "ModelBuilder"], None]) -> None:
+def runner_register_models(register: RegisterModel) -> None:
     """Register model builders with ``register(name, builder)``.
 
     :param register: call once per name. ``builder(request: ModelRequest) -> torch.nn.Module`` builds
@@ -30,7 +30,7 @@ def runner_register_models(register: Callable[[str, "ModelBuilder"], None]) -> N
 
 
 @hookspec
-def runner_register_datasets(register: Callable[[str, "DatasetBuilder"], None]) -> None:
+def runner_register_datasets(register: RegisterDataset) -> None:
     """Register dataset builders with ``register(name, builder)``.
 
     :param register: call once per name. ``builder(request: DatasetRequest) -> LabelledImages``
@@ -41,7 +41,7 @@ def runner_register_datasets(register: Callable[[str, "DatasetBuilder"], None]) 
 
 
 @hookspec
-def runner_register_transforms(register: Callable[[str, "TransformBuilder"], None]) -> None:
+def runner_register_transforms(register: RegisterTransform) -> None:
     """Register image transforms with ``register(name, builder)``.
 
     :param register: call once per name. ``builder(**options)`` returns a callable applied to one
@@ -52,7 +52,7 @@ def runner_register_transforms(register: Callable[[str, "TransformBuilder"], Non
 
 
 @hookspec
-def runner_register_strategies(register: Callable[[str, "StrategyBuilder"], None]) -> None:
+def runner_register_strategies(register: RegisterStrategy) -> None:
     """Register training strategies with ``register(name, builder)``.
 
     :param register: call once per name. ``builder(**options) -> Strategy`` where ``options`` come

@@ -7,7 +7,7 @@ never train.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Protocol, Sequence, Union, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -41,11 +41,14 @@ class DatasetRequest:
     :param name: the registered dataset name.
     :param options: the spec's ``data.options`` mapping (e.g. ``root``, ``train``).
     :param base_dir: directory of the spec file, for resolving relative paths.
+    :param on_corrupt: the spec's ``data.on_corrupt``: ``"error"`` (refuse a dataset with an
+        unreadable image, naming the file) or ``"skip"`` (leave such images out and count them).
     """
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     base_dir: str = "."
+    on_corrupt: Literal["error", "skip"] = "error"
 
 
 @runtime_checkable
@@ -78,15 +81,43 @@ class Stage:
     backbone_lr_mult: float = 1.0
 
 
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a strategy may see of the run it is about to train, given once to :meth:`Strategy.setup`.
+
+    :param model: the model, already on ``device``, head sized and weights loaded.
+    :param num_classes: number of classes (the width of the logits and of soft targets).
+    :param class_names: one name per label ``0 .. num_classes - 1``.
+    :param device: where batches and the model live.
+    :param epochs: the number of epochs the spec asks for.
+    :param train_loader: batches of ``(images, labels)`` for training (labels are class indices).
+    :param val_loader: batches of ``(images, labels)`` the runner validates on after each epoch.
+    """
+
+    model: "torch.nn.Module"
+    num_classes: int
+    class_names: tuple[str, ...]
+    device: "torch.device"
+    epochs: int
+    train_loader: Iterable[Any]
+    val_loader: Iterable[Any]
+
+
 class Strategy:
     """Decides what trains, epoch by epoch. Subclass and override :meth:`stage`.
 
     The runner asks for the stage at every epoch; when it changes, parameters are frozen or
     unfrozen, frozen BatchNorm layers are put in eval mode and the optimizer and scheduler are
-    rebuilt. Because the stage is a function of the epoch, resuming needs no extra state.
+    rebuilt (the stage is the optimizer factory's input). Because the stage is a function of the
+    epoch, resuming needs no extra state. The runner calls, in order: :meth:`setup` once,
+    then per epoch :meth:`stage`, :meth:`on_batch` for every training batch, and
+    :meth:`epoch_metrics` after validation.
     """
 
     name: str = "strategy"
+
+    def setup(self, context: TrainingContext) -> None:
+        """Called once before the first epoch (and again when a run resumes); the default does nothing."""
 
     def stage(self, epoch: int) -> Stage:  # epoch counts from 1
         return Stage()
@@ -96,11 +127,29 @@ class Strategy:
         return {"name": self.name}
 
     def on_batch(self, images: "torch.Tensor", labels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Transform one training batch (e.g. MixUp); the default leaves it alone."""
+        """Transform one training batch; the default leaves it alone.
+
+        The returned targets go to the loss as they are, so they may be class indices or, with
+        ``CrossEntropyLoss``, class probabilities of shape ``(batch, num_classes)`` (MixUp, CutMix).
+        Training accuracy is always counted against the original ``labels``.
+        """
         return images, labels
+
+    def epoch_metrics(self, epoch: int) -> dict[str, float]:
+        """Extra metrics stored with this epoch (e.g. a MixUp strategy's mean mixing weight).
+
+        Names the runner already records (``train_loss``, ``val_accuracy``, …) are ignored.
+        """
+        return {}
 
 
 ModelBuilder = Callable[[ModelRequest], Any]
 DatasetBuilder = Callable[[DatasetRequest], LabelledImages]
 TransformBuilder = Callable[..., Callable[[Any], Any]]
 StrategyBuilder = Callable[..., Strategy]
+
+# The ``register`` callback each registration hook receives: ``register(name, builder)``.
+RegisterModel = Callable[[str, ModelBuilder], None]
+RegisterDataset = Callable[[str, DatasetBuilder], None]
+RegisterTransform = Callable[[str, TransformBuilder], None]
+RegisterStrategy = Callable[[str, StrategyBuilder], None]

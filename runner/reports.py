@@ -1,23 +1,61 @@
-"""Tables of runs built from set-based queries (no torch; pandas only where a report needs it)."""
+"""Tables of runs built from set-based queries (no torch; pandas only where a report needs it).
+
+``runner report`` reads two tables (runs and their test-split metrics), each with one SQL query that
+applies every filter, and pivots/aggregates them with pandas: the cost does not grow with per-run
+Python work, and the 2,000,000 per-epoch metric rows of a big store are never read for a table.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Sequence
 
-from runner.store import Store
+from runner.errors import RunnerError
+from runner.store import STATUSES, RunFilter, Store, utcnow
 
 SUMMARY_KEYS = ("id", "name", "status", "seed", "model", "strategy", "epochs_run", "best_val_accuracy", "test_accuracy", "duration_s")
+TEST_METRICS = ("loss", "accuracy", "f1_macro")
+REPORT_COLUMNS = (
+    "id", "name", "status", "model", "weights_source", "strategy", "seed", "epochs_run", "stop_reason",
+    "best_val_accuracy", "best_epoch", *(f"test_{m}" for m in TEST_METRICS), "duration_s", "started_at",
+)
+INTEGER_COLUMNS = ("seed", "epochs_run", "best_epoch")
+# the numeric columns a --group-by aggregates (seed and best_epoch are labels, not outcomes)
+AGGREGATED_COLUMNS = ("best_val_accuracy", *(f"test_{m}" for m in TEST_METRICS), "epochs_run", "duration_s")
+COMPARED_METRICS = ("name", "status", "epochs_run", "stop_reason", "best_val_accuracy", "best_epoch",
+                    *(f"test_{m}" for m in TEST_METRICS), "duration_s")
+
+FORMATS = ("table", "csv", "markdown", "html", "json", "parquet", "latex")
+FORMAT_BY_EXTENSION = {
+    ".txt": "table", ".csv": "csv", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html",
+    ".json": "json", ".parquet": "parquet", ".pq": "parquet", ".tex": "latex", ".latex": "latex",
+}
+PLOT_EXTENSIONS = (".png", ".svg", ".pdf")
+
+
+class ReportError(RunnerError):
+    """A report request that cannot be met (unknown column, bad date, bad format...)."""
 
 
 def _iso(value: Any) -> Any:
     return value.isoformat(timespec="seconds") if hasattr(value, "isoformat") else value
 
 
-def runs_list(store: Store, status: str | None = None, name: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """``runner runs``: the JSON-contract keys first, then when each run started."""
-    rows = store.runs_table(status=status, name_glob=name, limit=limit)
-    return [{**{k: row[k] for k in SUMMARY_KEYS}, "started_at": _iso(row["started_at"])} for row in rows]
+# ------------------------------------------------------------------------------------------
+# runner runs / runner show (JSON contracts: extend, never rename)
+
+
+def runs_list(store: Store, status: str | None = None, name: str | None = None, limit: int | None = None,
+              tags: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """``runner runs``: the JSON-contract keys first, then when each run started and its tags."""
+    rows = store.runs_table(status=status, name_glob=name, limit=limit, tags=tags)
+    tagged = store.tags([row["id"] for row in rows])
+    return [{**{k: row[k] for k in SUMMARY_KEYS}, "started_at": _iso(row["started_at"]), "tags": tagged.get(row["id"], [])} for row in rows]
 
 
 def run_details(store: Store, run_id: str) -> dict[str, Any]:
@@ -66,16 +104,431 @@ def run_details(store: Store, run_id: str) -> dict[str, Any]:
         "error": row["error"],
         "traceback": row["traceback"],
         "model_summary": row["model_summary"],
+        "tags": store.tags([run_id]).get(run_id, []),
+        "evaluations": [_evaluation(e) for e in store.evaluations(run_id)],
     }
     return details
 
 
-def report_frame(store: Store, status: str | None = None, name: str | None = None) -> Any:
-    """``runner report``: one row per run, test metrics pivoted into columns."""
+def _evaluation(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored ``runner eval`` result as ``show`` lists it."""
+    return {
+        "id": row["id"], "created_at": _iso(row["created_at"]), "split": row["split"],
+        "checkpoint": row["checkpoint"], "checkpoint_epoch": row["checkpoint_epoch"], "dataset": row["dataset"],
+        "overrides": json.loads(row["overrides_json"]), "device": row["device"], "samples": row["samples"],
+        "loss": row["loss"], "accuracy": row["accuracy"], "f1_macro": row["f1_macro"],
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# runner report: the request, parsed from the command line
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    run_filter: RunFilter = field(default_factory=RunFilter)
+    columns: tuple[str, ...] = ()
+    sort: tuple[str, ...] = ()  # a leading "-" sorts that column descending
+    group_by: tuple[str, ...] = ()
+
+    def spec_keys(self) -> list[str]:
+        """Requested names that are not report columns: resolved-spec keys, read with json_extract."""
+        names = [*self.columns, *self.group_by, *(s.lstrip("-") for s in self.sort)]
+        if self.group_by:  # sorting a grouped table names its output columns, not spec keys
+            names = [*self.columns, *self.group_by]
+        return list(dict.fromkeys(n for n in names if n not in REPORT_COLUMNS and not n.startswith("test_")))
+
+
+def split_names(text: str | None) -> tuple[str, ...]:
+    """``"a, b,c"`` → ("a", "b", "c")."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def parse_since(text: str | None) -> datetime | None:
+    """An ISO date or date-time (UTC unless it says otherwise), or an age such as ``7d``, ``12h``, ``30m``."""
+    if not text:
+        return None
+    age = re.fullmatch(r"\s*(\d+)\s*([dhm])\s*", text)
+    if age:
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[age.group(2)]
+        return utcnow() - timedelta(**{unit: int(age.group(1))})
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ReportError(f"--since expects a date such as 2024-05-31, a date-time or an age such as 7d; got {text!r}") from None
+    if moment.tzinfo is not None:  # started_at is stored as naive UTC
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def parse_where(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    """``model.name=cnn`` → (("model.name", "cnn"),); values are YAML scalars, as with ``--set``."""
+    from runner.spec import parse_override
+
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise ReportError(f"--where expects KEY=VALUE, got {item!r}")
+        path, value = parse_override(item)
+        pairs.append((".".join(path), value))
+    return tuple(pairs)
+
+
+def make_request(status: str | None = None, name: str | None = None, since: str | None = None, where: Sequence[str] = (),
+                 columns: str | None = None, sort: str | None = None, group_by: str | None = None,
+                 run_ids: Sequence[str] = (), tags: Sequence[str] = ()) -> ReportRequest:
+    """A :class:`ReportRequest` from command-line strings, each checked with a one-line error."""
+    if status and status not in STATUSES:
+        raise ReportError(f"--status {status!r} is not a run status; choose from {', '.join(STATUSES)}")
+    run_filter = RunFilter(status=status, name_glob=name, since=parse_since(since), where=parse_where(where), run_ids=tuple(run_ids),
+                           tags=tuple(tags))
+    return ReportRequest(run_filter, split_names(columns), split_names(sort), split_names(group_by))
+
+
+# ------------------------------------------------------------------------------------------
+# runner report: building the tables
+
+
+@dataclass
+class Report:
+    runs: Any  # DataFrame, one row per run, the requested columns
+    groups: Any | None  # DataFrame, one row per group (with --group-by), else None
+    run_ids: list[str]  # in report order, whichever columns were asked for
+
+    @property
+    def table(self) -> Any:
+        """The table a format writes: the groups when grouped, else the runs."""
+        return self.groups if self.groups is not None else self.runs
+
+
+def _check_spec_keys(store: Store, keys: Sequence[str], where: Sequence[tuple[str, Any]]) -> None:
+    """Unknown names fail loudly: a typo would otherwise print an empty or blank-column report."""
+    if not (keys or where) or not store.count_runs():
+        return
+    for key, _ in where:
+        if not store.spec_key_exists(key):
+            raise ReportError(f"--where {key}: no stored run's resolved spec has the key {key!r} (such as model.name or seed)")
+    for key in keys:
+        if not store.spec_key_exists(key):
+            raise ReportError(
+                f"unknown column {key!r}: not a report column ({', '.join(REPORT_COLUMNS)}) "
+                f"nor a key of any stored resolved spec (such as model.name or training.optimizer.lr)"
+            )
+
+
+def runs_frame(store: Store, run_filter: RunFilter, spec_keys: Sequence[str] = ()) -> Any:
+    """Every report column for the filtered runs, newest first, test metrics pivoted into ``test_*``."""
     import pandas as pd
 
-    runs = pd.DataFrame(store.runs_table(status=status, name_glob=name))
-    if runs.empty:
-        return pd.DataFrame(columns=list(SUMMARY_KEYS))
-    runs["started_at"] = runs["started_at"].map(_iso)
-    return runs[[*SUMMARY_KEYS, "started_at"]]
+    runs = store.report_runs(run_filter, spec_keys)
+    metrics = store.report_split_metrics(run_filter, "test")
+    test = metrics.pivot(index="run_id", columns="name", values="value").add_prefix("test_")
+    test.columns.name = None
+    for metric in TEST_METRICS:
+        if f"test_{metric}" not in test.columns:
+            test[f"test_{metric}"] = float("nan")
+    frame = runs.join(test.astype("float64"), on="id")
+    frame["started_at"] = pd.to_datetime(frame["started_at"]).dt.strftime("%Y-%m-%dT%H:%M:%S")
+    for column in INTEGER_COLUMNS:
+        frame[column] = frame[column].astype("Int64")
+    extra_metrics = sorted(c for c in test.columns if c not in REPORT_COLUMNS)
+    ordered = [*REPORT_COLUMNS[:REPORT_COLUMNS.index("duration_s")], *extra_metrics, "duration_s", "started_at"]
+    return frame[[*ordered, *(k for k in spec_keys if k not in ordered)]].reset_index(drop=True)
+
+
+def _unknown(names: Sequence[str], frame: Any, what: str) -> None:
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise ReportError(f"unknown {what} {missing[0]!r}; columns: {', '.join(map(str, frame.columns))}")
+
+
+def sort_frame(frame: Any, sort: Sequence[str]) -> Any:
+    """Sort by ``col`` / ``-col`` names, missing values last; mixed-type columns sort as text."""
+    if not sort:
+        return frame
+    by = [s.lstrip("-") for s in sort]
+    _unknown(by, frame, "sort column")
+    ascending = [not s.startswith("-") for s in sort]
+    try:
+        return frame.sort_values(by, ascending=ascending, kind="stable", na_position="last").reset_index(drop=True)
+    except TypeError:  # a spec key holding numbers in some runs and text in others
+        return frame.sort_values(by, ascending=ascending, kind="stable", na_position="last",
+                                 key=lambda s: s.astype(str) if s.dtype == object else s).reset_index(drop=True)
+
+
+def aggregate(frame: Any, keys: Sequence[str], metrics: Sequence[str]) -> Any:
+    """One row per group: the keys, ``n`` runs, and per metric its mean, sample std and 95% CI half-width.
+
+    The interval uses Student's t with (values - 1) degrees of freedom: with three seeds the
+    half-width is 4.30 standard errors, not 1.96. A metric a run lacks (a failed run has no test
+    accuracy) is left out of that metric's statistics.
+    """
+    import numpy as np
+    import pandas as pd
+    from scipy.special import stdtrit
+
+    values = frame[list(metrics)].astype("float64")
+    grouped = values.groupby([frame[k] for k in keys], dropna=False, sort=False)
+    count = grouped.count()
+    mean, std = grouped.mean(), grouped.std(ddof=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ci95 = pd.DataFrame(stdtrit(np.maximum(count.to_numpy() - 1, 0), 0.975), index=count.index, columns=count.columns) * std / np.sqrt(count)
+    stats = {}
+    for metric in metrics:
+        stats[f"{metric}_mean"] = mean[metric]
+        stats[f"{metric}_std"] = std[metric]
+        stats[f"{metric}_ci95"] = ci95[metric].where(count[metric] > 1)
+    sizes = frame.groupby([frame[k] for k in keys], dropna=False, sort=False).size().rename("n")
+    table = pd.concat([sizes, pd.DataFrame(stats)], axis=1).reset_index()
+    table.columns = [*keys, "n", *stats]
+    return sort_frame(table, list(keys))
+
+
+def build_report(store: Store, request: ReportRequest) -> Report:
+    """The report's tables for ``request`` (see :class:`ReportRequest`)."""
+    spec_keys = request.spec_keys()
+    _check_spec_keys(store, spec_keys, request.run_filter.where)
+    frame = runs_frame(store, request.run_filter, spec_keys)
+    _unknown(request.columns, frame, "column")
+    _unknown(request.group_by, frame, "--group-by key")
+    groups = None
+    if request.group_by:
+        metrics = [c for c in frame.columns if c in AGGREGATED_COLUMNS or (c.startswith("test_") and c not in REPORT_COLUMNS)]
+        if request.columns:
+            metrics = [c for c in metrics if c in request.columns]
+        groups = sort_frame(aggregate(frame, request.group_by, metrics), request.sort)
+    else:
+        frame = sort_frame(frame, request.sort)
+    default_columns = [c for c in frame.columns if c in REPORT_COLUMNS or c.startswith("test_")]
+    runs = frame[list(request.columns) if request.columns else default_columns]
+    return Report(runs=runs, groups=groups, run_ids=frame["id"].tolist())
+
+
+# ------------------------------------------------------------------------------------------
+# runner report: formats
+
+
+def output_format(fmt: str | None, output: Path | None) -> str:
+    """``--format`` if given, else the format ``-o FILE``'s extension names, else ``table``."""
+    if fmt:
+        if fmt not in FORMATS:
+            raise ReportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        chosen = fmt
+    elif output is not None:
+        chosen = FORMAT_BY_EXTENSION.get(output.suffix.lower(), "")
+        if not chosen:
+            raise ReportError(f"cannot tell the format from {output.name!r}; give --format ({', '.join(FORMATS)}) "
+                              f"or an extension ({', '.join(FORMAT_BY_EXTENSION)})")
+    else:
+        chosen = "table"
+    if chosen == "parquet" and output is None:
+        raise ReportError("parquet is a binary format: give -o FILE.parquet")
+    return chosen
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+def frame_records(frame: Any) -> list[dict[str, Any]]:
+    """Rows as dicts with JSON-ready values: missing values (NaN, NA) become None."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def frame_json(frame: Any) -> str:
+    """A JSON list, one object per line.
+
+    json.dumps keeps every float's full repr (pandas' to_json rounds to at most 15 decimals); one
+    line per row keeps json's C encoder, which ``indent`` would turn off (twice the time on 10,000 runs).
+    """
+    records = frame_records(frame)
+    if not records:
+        return "[]"
+    return "[\n  " + ",\n  ".join(json.dumps(record, default=_json_default) for record in records) + "\n]"
+
+
+def render(report: Report, fmt: str, store: Store | None = None, title: str = "runner report", max_plots: int = 20) -> str | bytes:
+    """The report in ``fmt``: text for every format except parquet (bytes)."""
+    table = report.table
+    if fmt == "html":
+        from runner.html_report import render_html
+
+        return render_html(report, store, title=title, max_plots=max_plots)
+    if fmt == "parquet":
+        import io
+
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        return buffer.getvalue()
+    if fmt == "json":
+        return frame_json(table)
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "markdown":
+        return table.to_markdown(index=False)
+    if fmt == "latex":
+        return table.to_latex(index=False, escape=True, na_rep="")
+    return text_table(table)
+
+
+def text_table(frame: Any) -> str:
+    """An aligned plain-text table, built column-wise (DataFrame.to_string takes ~0.4 s on 10,000 runs).
+
+    Numbers are right-aligned with 6 significant digits, text left-aligned, missing values blank.
+    """
+    import numpy as np
+
+    if frame.empty:
+        return "(no runs match)"
+    header, cells = [], []
+    for name in frame.columns:
+        column = frame[name]
+        if column.dtype.kind == "f":
+            text = column.__class__(np.char.mod("%.6g", column.to_numpy(dtype="float64")), index=column.index).where(column.notna(), "")
+        else:
+            text = column.astype("string").fillna("")
+        numeric = column.dtype.kind in "fiu" or str(column.dtype) == "Int64"
+        width = max(len(str(name)), int(text.str.len().max()))
+        header.append(str(name).rjust(width) if numeric else str(name).ljust(width))
+        cells.append(text.str.rjust(width) if numeric else text.str.ljust(width))
+    body = cells[0].str.cat(cells[1:], sep="  ").str.rstrip() if len(cells) > 1 else cells[0].str.rstrip()
+    return "\n".join(["  ".join(header).rstrip(), *body.tolist()])
+
+
+def blank_missing(frame: Any) -> Any:
+    """Text columns with None shown blank, as na_rep already shows missing numbers."""
+    shown = frame.copy()
+    for column in shown.columns[shown.dtypes == object]:
+        shown[column] = shown[column].where(shown[column].notna(), "")
+    return shown
+
+
+def write_atomically(path: Path, data: str | bytes) -> None:
+    """Write ``path`` through a temporary file beside it, so a failure never leaves half a file."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise ReportError(f"cannot write {path}: directory {path.parent} does not exist")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# per-epoch curves and confusion matrices (plots, compare, the HTML report)
+
+
+def resolve_run_ids(store: Store, run_ids: Sequence[str]) -> list[str]:
+    """Full ids for ids or unique prefixes, in the order given, each once."""
+    return list(dict.fromkeys(store.resolve_run_id(r) for r in run_ids))
+
+
+def epoch_curves(store: Store, run_ids: Sequence[str]) -> dict[str, Any]:
+    """run id → DataFrame indexed by epoch with one column per metric (train_loss, val_accuracy...)."""
+    long = store.epoch_metrics_frame(run_ids)
+    wide = long.pivot_table(index=["run_id", "epoch"], columns="name", values="value", aggfunc="first")
+    wide.columns.name = None
+    return {run_id: curves.droplevel("run_id") for run_id, curves in wide.groupby(level="run_id")}
+
+
+def plot_data(store: Store, run_ids: Sequence[str]) -> list[Any]:
+    """What a figure needs of each run, in the order given (plots.RunPlotData)."""
+    from runner.plots import RunPlotData
+
+    documents = store.run_documents(run_ids).set_index("id")
+    curves = epoch_curves(store, run_ids)
+    data = []
+    for run_id in run_ids:  # a handful of runs, one figure row each
+        document = documents.loc[run_id]
+        data.append(RunPlotData(
+            run_id=run_id,
+            name=document["name"],
+            curves=curves.get(run_id),
+            class_names=json.loads(document["class_names_json"] or "[]"),
+            confusion=json.loads(document["confusion_json"]) if document["confusion_json"] else None,
+        ))
+    return data
+
+
+def plot_format(output: Path) -> str:
+    suffix = output.suffix.lower()
+    if suffix not in PLOT_EXTENSIONS:
+        raise ReportError(f"cannot write a plot as {output.name!r}; use one of {', '.join(PLOT_EXTENSIONS)}")
+    return suffix[1:]
+
+
+def plot_runs(store: Store, run_ids: Sequence[str], output: Path) -> list[str]:
+    """``runner plot``: learning curves and the test confusion matrix of each run, one row per run."""
+    from runner.plots import figure_bytes, runs_figure
+
+    fmt = plot_format(output)
+    run_ids = resolve_run_ids(store, run_ids)
+    write_atomically(output, figure_bytes(runs_figure(plot_data(store, run_ids)), fmt))
+    return run_ids
+
+
+# ------------------------------------------------------------------------------------------
+# runner compare
+
+
+@dataclass
+class Comparison:
+    run_ids: list[str]
+    differences: Any  # DataFrame: one row per resolved-spec key whose values differ, one column per run
+    metrics: Any  # DataFrame: one row per metric, one column per run
+
+    def to_json(self) -> dict[str, Any]:
+        def by_row(frame: Any) -> dict[str, dict[str, Any]]:
+            return dict(zip(frame.index, frame_records(frame)))  # key → {run id: value}
+
+        return {"runs": self.run_ids, "differences": by_row(self.differences), "metrics": by_row(self.metrics)}
+
+    def to_text(self) -> str:
+        def show(frame: Any) -> str:
+            return frame.astype(object).where(frame.notna(), "").to_string()
+
+        differences = show(self.differences) if len(self.differences) else "(the resolved specs are identical)"
+        return f"resolved-spec keys that differ\n{differences}\n\nmetrics\n{show(self.metrics)}"
+
+
+def _flat_spec_values(spec_json: str) -> dict[str, str]:
+    """Dotted key → the value as canonical JSON (so lists and numbers compare exactly)."""
+    def walk(value: Any, prefix: str) -> Any:
+        if isinstance(value, dict) and value:
+            for key, child in value.items():
+                yield from walk(child, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            yield prefix, value
+
+    return dict(walk(json.loads(spec_json), ""))
+
+
+def compare_runs(store: Store, run_ids: Sequence[str]) -> Comparison:
+    """The resolved-spec keys whose values differ between the runs, beside the runs' metrics."""
+    import pandas as pd
+
+    run_ids = resolve_run_ids(store, run_ids)
+    if len(run_ids) < 2:
+        raise ReportError("compare needs at least two different runs")
+    documents = store.run_documents(run_ids).set_index("id").loc[run_ids]
+    specs = pd.DataFrame({run_id: _flat_spec_values(text) for run_id, text in documents["spec_json"].items()})
+    canonical = specs.apply(lambda column: column.map(lambda v: json.dumps(v, sort_keys=True)))
+    differences = specs[canonical.nunique(axis=1, dropna=False) > 1]
+    frame = runs_frame(store, RunFilter(run_ids=tuple(run_ids))).set_index("id").loc[run_ids]
+    metric_names = [*COMPARED_METRICS, *(c for c in frame.columns if c.startswith("test_") and c not in COMPARED_METRICS)]
+    metrics = frame[metric_names].astype(object).T
+    metrics.columns = run_ids
+    return Comparison(run_ids, differences.sort_index(), metrics)
+
+
+def compare_plot(store: Store, run_ids: Sequence[str], output: Path) -> None:
+    """Per-epoch curves of the runs overlaid: loss and accuracy, train dashed, validation solid."""
+    from runner.plots import figure_bytes, overlay_figure
+
+    fmt = plot_format(output)
+    write_atomically(output, figure_bytes(overlay_figure(plot_data(store, resolve_run_ids(store, run_ids))), fmt))

@@ -40,6 +40,12 @@ def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.Ma
 
 
 _StrictSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_without_duplicates)
+# YAML 1.1 reads "1e-3" as a string (it wants "1.0e-3"); learning rates are written the short way
+_StrictSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def parse_yaml(text: str, source: str = "<spec>") -> Any:
@@ -183,6 +189,9 @@ class TrainingSpec(_Strict):
     loss: LossSpec = Field(default_factory=LossSpec)
     grad_clip: Optional[float] = Field(None, gt=0)
     early_stopping: Optional[EarlyStoppingSpec] = None
+    feature_cache: Literal["auto", "off"] = Field(
+        "auto", description="train a frozen backbone's head on features computed once, where that is exact"
+    )
 
 
 DEFAULT_TRANSFORMS: list[dict[str, Any]] = [{"name": "ToImage"}, {"name": "ToDtype", "dtype": "float32", "scale": True}]
@@ -195,6 +204,17 @@ class TransformsSpec(_Strict):
     )
 
 
+class CheckpointsSpec(_Strict):
+    keep: Literal["best", "last", "both", "all"] = Field(
+        "both", description="checkpoints kept once the run completes; all adds one per epoch"
+    )
+
+
+# Keys that decide what is kept on disk, not what is trained: left out of the spec hash, so equal
+# experiments still share a hash (and `{experiment: …}` weights still find their run).
+_NOT_HASHED = ("checkpoints",)
+
+
 class Spec(_Strict):
     name: str = "experiment"
     description: str = ""
@@ -205,6 +225,7 @@ class Spec(_Strict):
     model: ModelSpec
     transforms: TransformsSpec = Field(default_factory=TransformsSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
 
     @field_validator("device")
     @classmethod
@@ -223,7 +244,8 @@ class Spec(_Strict):
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of the resolved spec: equal specs, equal hash."""
-        canonical = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
+        hashed = {k: v for k, v in self.resolved().items() if k not in _NOT_HASHED}
+        canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from runner.build import Prepared, losses, optimizers, schedulers
-from runner.interfaces import Stage
+from runner.interfaces import Stage, Strategy, TrainingContext
 from runner.models import freeze, head_names, select_trainable, set_train_mode
 from runner.spec import EarlyStoppingSpec, Spec
 
@@ -193,29 +193,62 @@ def save_atomically(payload: Any, path: Path) -> None:
     """Write to a temporary file, then rename: a crash mid-write never leaves a corrupt checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # interrupted or failed: the previous checkpoint stays, the half file goes
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def training_state(epoch: int, model: nn.Module, optimizer: Any, scheduler: Any, stopper: EarlyStopping) -> dict[str, Any]:
-    """Everything needed to continue a run after ``epoch``: the last checkpoint."""
+def training_state(
+    epoch: int, model: nn.Module, optimizer: Any, scheduler: Any, stopper: EarlyStopping,
+    history: list[dict[str, float]] | None = None, train_loader: Any = None,
+) -> dict[str, Any]:
+    """Everything needed to continue a run after ``epoch``: the last checkpoint.
+
+    Only tensors and plain Python values, so that it loads with ``weights_only=True``. The train
+    loader's generator state makes the shuffling of the following epochs continue as it would have.
+    """
     import random
 
     import numpy as np
 
+    generator = getattr(train_loader, "generator", None)
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     return {
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "early_stopping": stopper.state_dict(),
+        "history": [dict(h) for h in history or []],
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            "numpy": [kind, [int(k) for k in keys], int(position), int(has_gauss), float(cached_gauss)],
             "python": random.getstate(),
+            "train_loader": generator.get_state() if generator is not None else None,
         },
     }
+
+
+def restore_rng(rng: dict[str, Any], train_loader: Any) -> None:
+    """Put every random number generator back as :func:`training_state` found it."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    kind, keys, position, has_gauss, cached_gauss = rng["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    generator = getattr(train_loader, "generator", None)
+    if generator is not None and rng.get("train_loader") is not None:
+        generator.set_state(rng["train_loader"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -235,10 +268,69 @@ def apply_stage(model: nn.Module, stage: Stage) -> None:
     freeze(model, select_trainable(model, stage.trainable))
 
 
-def fit(prepared: Prepared, recorder: Recorder, run_dir: Path, progress_factory: Callable[[int, str], Any] | None = None) -> FitResult:
+def training_context(prepared: Prepared) -> TrainingContext:
+    """What :meth:`Strategy.setup` sees: the model, the classes, the device and the loaders."""
+    return TrainingContext(
+        model=prepared.model, num_classes=len(prepared.class_names), class_names=tuple(prepared.class_names),
+        device=prepared.device, epochs=prepared.spec.training.epochs,
+        train_loader=prepared.train_loader, val_loader=prepared.val_loader,
+    )
+
+
+def strategy_metrics(strategy: Strategy, epoch: int, recorded: dict[str, float]) -> dict[str, float]:
+    """A strategy's own epoch metrics; it may add names but never overwrite the runner's."""
+    return {str(k): float(v) for k, v in strategy.epoch_metrics(epoch).items() if k not in recorded}
+
+
+def restore_training_state(
+    state: dict[str, Any], prepared: Prepared, stopper: EarlyStopping, history: list[dict[str, float]],
+) -> tuple[Stage, Any, Any]:
+    """Model, stage, optimizer, scheduler, early stopping, history and RNGs as they were after ``state['epoch']``.
+
+    The stage comes from the strategy (a function of the epoch); the RNGs are restored last, so
+    nothing done here shifts the random numbers the next epoch draws.
+    """
+    spec, model = prepared.spec, prepared.model
+    stage = prepared.strategy.stage(int(state["epoch"]))
+    apply_stage(model, stage)
+    model.load_state_dict(state["model"])
+    optimizer = build_optimizer(spec, model, stage)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler = build_scheduler(spec, optimizer)
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    stopper.load_state_dict(state["early_stopping"])
+    history.extend(dict(h) for h in state["history"])
+    restore_rng(state["rng"], prepared.train_loader)
+    return stage, optimizer, scheduler
+
+
+def early_stop_reason(stopper: EarlyStopping) -> str:
+    return f"early stopping: {stopper.monitor} did not improve for {stopper.patience} epochs"
+
+
+def fit(
+    prepared: Prepared, recorder: Recorder, run_dir: Path, progress_factory: Callable[[int, str], Any] | None = None,
+    resume_from: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train, validate and checkpoint epoch by epoch, then evaluate on the test split.
+
+    ``resume_from`` (a run's last checkpoint, see :func:`training_state`) continues after its epoch
+    exactly as the run would have gone on.
+    """
+    from runner.lifecycle import signals_deferred
+
     spec, model, device = prepared.spec, prepared.model, prepared.device
     model.to(device)
+    prepared.strategy.setup(training_context(prepared))
     loss_fn = build_loss(spec, device)
+    # what the loop feeds: the model on images, or only its head on cached backbone features
+    net, train_loader, val_loader, test_loader = model, prepared.train_loader, prepared.val_loader, prepared.test_loader
+    if prepared.settings.get("feature_cache") == "on":
+        from runner import feature_cache
+
+        cached = feature_cache.build(prepared, run_dir.parent / ".feature_cache")
+        net, train_loader, val_loader, test_loader = cached.head, cached.train_loader, cached.val_loader, cached.test_loader
     stopper = EarlyStopping.from_spec(spec.training.early_stopping)
     epochs = spec.training.epochs
     stage: Stage | None = None
@@ -247,8 +339,14 @@ def fit(prepared: Prepared, recorder: Recorder, run_dir: Path, progress_factory:
     history: list[dict[str, float]] = []
     stop_reason = f"completed {epochs} epochs"
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
+    first_epoch = 1
+    if resume_from is not None:
+        stage, optimizer, scheduler = restore_training_state(resume_from, prepared, stopper, history)
+        first_epoch = int(resume_from["epoch"]) + 1
+        if stopper.should_stop:  # it had stopped early: only the test evaluation was left
+            first_epoch, stop_reason = epochs + 1, early_stop_reason(stopper)
 
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         started = time.perf_counter()
         next_stage = prepared.strategy.stage(epoch)
         if next_stage != stage:  # a new stage freezes/unfreezes and starts a fresh optimizer
@@ -257,13 +355,14 @@ def fit(prepared: Prepared, recorder: Recorder, run_dir: Path, progress_factory:
             optimizer = build_optimizer(spec, model, stage)
             scheduler = build_scheduler(spec, optimizer)
         set_train_mode(model)
-        progress = progress_factory(len(prepared.train_loader), f"epoch {epoch}/{epochs}") if progress_factory else None
+        progress = progress_factory(len(train_loader), f"epoch {epoch}/{epochs}") if progress_factory else None
         train = train_one_epoch(
-            model, prepared.train_loader, optimizer, loss_fn, device, spec.training.grad_clip,
+            net, train_loader, optimizer, loss_fn, device, spec.training.grad_clip,
             prepared.strategy.on_batch, progress,
         )
-        val = evaluate(model, prepared.val_loader, loss_fn, device, len(prepared.class_names))
+        val = evaluate(net, val_loader, loss_fn, device, len(prepared.class_names))
         metrics = {"train_loss": train["loss"], "train_accuracy": train["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+        metrics.update(strategy_metrics(prepared.strategy, epoch, metrics))
         if progress is not None:
             progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", val_acc=f"{metrics['val_accuracy']:.4f}")
             progress.close()
@@ -271,19 +370,28 @@ def fit(prepared: Prepared, recorder: Recorder, run_dir: Path, progress_factory:
             scheduler.step(metrics[stopper.monitor]) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
         history.append(metrics)
 
-        if stopper.update(epoch, metrics):
-            save_atomically(model.state_dict(), best_path)
-            recorder.checkpoint_saved("best", epoch, best_path)
-        save_atomically(training_state(epoch, model, optimizer, scheduler, stopper), last_path)
-        recorder.checkpoint_saved("last", epoch, last_path)
-        best_val = max(h["val_accuracy"] for h in history)
-        recorder.epoch_done(epoch, metrics, time.perf_counter() - started, stopper.best_epoch, best_val)
+        # A stop signal waits until the epoch is recorded whole. The store hears of an epoch before
+        # its checkpoint exists: after a crash it may be one epoch ahead (resume deletes that
+        # epoch's rows), never behind.
+        with signals_deferred():
+            improved = stopper.update(epoch, metrics)
+            best_val = max(h["val_accuracy"] for h in history)
+            recorder.epoch_done(epoch, metrics, time.perf_counter() - started, stopper.best_epoch, best_val)
+            if improved:
+                save_atomically(model.state_dict(), best_path)
+                recorder.checkpoint_saved("best", epoch, best_path)
+            save_atomically(training_state(epoch, model, optimizer, scheduler, stopper, history, prepared.train_loader), last_path)
+            recorder.checkpoint_saved("last", epoch, last_path)
+            if spec.checkpoints.keep == "all":  # one model state dict per epoch, kept after the run
+                epoch_path = run_dir / f"epoch-{epoch:03d}.pt"
+                save_atomically(model.state_dict(), epoch_path)
+                recorder.checkpoint_saved(f"epoch-{epoch:03d}", epoch, epoch_path)
         if stopper.should_stop:
-            stop_reason = f"early stopping: {stopper.monitor} did not improve for {stopper.patience} epochs"
+            stop_reason = early_stop_reason(stopper)
             break
 
     restore_best = spec.training.early_stopping is not None and spec.training.early_stopping.restore_best
     if restore_best and stopper.best_epoch is not None and stopper.best_epoch != len(history):
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
-    test = evaluate(model, prepared.test_loader, loss_fn, device, len(prepared.class_names))
+    test = evaluate(net, test_loader, loss_fn, device, len(prepared.class_names))
     return FitResult(epochs_run=len(history), stop_reason=stop_reason, best_epoch=stopper.best_epoch, history=history, test=test)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -47,12 +48,18 @@ class PluginProblem:
     """A plugin that failed to import or to register; the others still load."""
 
     plugin: str
-    stage: str  # "import" or the hook name
+    stage: str  # "import", "register" (pluggy refused its hooks) or the hook name
     error: str
 
     def __str__(self) -> str:
-        where = "importing" if self.stage == "import" else f"running {self.stage}"
+        where = {"import": "importing", "register": "registering its hooks"}.get(self.stage, f"running {self.stage}")
         return f"plugin {self.plugin!r} failed while {where}: {self.error}"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (pluggy's validation errors span several), at most ``limit`` chars."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -65,6 +72,8 @@ class Registries:
     strategies: Registry[Any] = field(default_factory=lambda: Registry("strategy"))
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     problems: list[PluginProblem] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Plugins not loaded on purpose, with the reason (RUNNER_BLOCK_PLUGINS, RUNNER_DISABLE_PLUGINS)."""
 
     def by_kind(self) -> dict[str, Registry[Any]]:
         return {"model": self.models, "dataset": self.datasets, "transform": self.transforms, "strategy": self.strategies}
@@ -80,8 +89,40 @@ class Registries:
         return sorted(seen.values(), key=lambda d: d["plugin"])
 
 
+def name_rows(registries: Registries) -> list[dict[str, Any]]:
+    """One row per registered name (what ``runner plugins`` prints); both sides of a collision, flagged."""
+    rows = []
+    for kind, registry in registries.by_kind().items():
+        for entry in registry.entries():
+            rows.append(_name_row(kind, entry.name, entry, ""))
+        for name, entries in registry.collisions().items():
+            rows.extend(_name_row(kind, name, entry, "COLLISION") for entry in entries)
+    return rows
+
+
+def _name_row(kind: str, name: str, entry: Any, collision: str) -> dict[str, Any]:
+    return {"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution,
+            "version": entry.version, "collision": collision}
+
+
+def plugin_rows(registries: Registries) -> list[dict[str, Any]]:
+    """Every loaded plugin with its distribution and version, built-ins first."""
+    infos = sorted(registries.plugins.values(), key=lambda i: (not i.builtin, i.name))
+    return [{"plugin": i.name, "distribution": i.distribution, "version": i.version, "builtin": i.builtin} for i in infos]
+
+
 def _blocked_names() -> set[str]:
     return {n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()}
+
+
+def _normalized(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def _is_blocked(ep: metadata.EntryPoint, blocked: set[str]) -> bool:
+    """Blocked by entry-point name (``extras``) or by distribution name (``runner-extras``)."""
+    dist = getattr(ep, "dist", None)
+    return ep.name in blocked or (dist is not None and _normalized(dist.name) in {_normalized(b) for b in blocked})
 
 
 def _runner_version() -> str | None:
@@ -96,34 +137,48 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__(ENTRY_POINT_GROUP)
         self.distributions: dict[str, tuple[str | None, str | None]] = {}
+        self.skipped: dict[str, str] = {}
 
 
 def get_plugin_manager(problems: list[PluginProblem] | None = None) -> PluginManager:
     """A fresh plugin manager with the hookspecs added, built-ins and entry points registered.
 
-    Plugins that fail to import are skipped and recorded in ``problems``.
+    Plugins that fail to import, or whose hooks pluggy refuses, are skipped and recorded in
+    ``problems``; blocked and disabled ones are recorded in ``pm.skipped``.
     """
     problems = problems if problems is not None else []
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     blocked = _blocked_names()
     for module_name in BUILTIN_PLUGINS:
-        if module_name not in blocked:
+        if module_name in blocked:
+            pm.skipped[module_name] = f"blocked by {BLOCK_ENV}"
+        else:
             pm.register(importlib.import_module(module_name), name=module_name)
-    if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
-        return pm
+    disabled = os.environ.get(DISABLE_ENV, "").strip() not in ("", "0")
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in blocked or pm.has_plugin(ep.name):
+        if pm.has_plugin(ep.name):
             continue
-        try:
-            plugin = ep.load()
-            pm.register(plugin, name=ep.name)
-        except Exception as exc:  # a broken plugin must not take the others down
-            problems.append(PluginProblem(ep.name, "import", f"{type(exc).__name__}: {exc}"))
+        if disabled or _is_blocked(ep, blocked):
+            pm.skipped[ep.name] = f"{DISABLE_ENV}=1" if disabled else f"blocked by {BLOCK_ENV}"
             continue
-        dist = getattr(ep, "dist", None)
-        pm.distributions[ep.name] = (dist.name if dist else None, dist.version if dist else None)
+        _register_entry_point(pm, ep, problems)
     return pm
+
+
+def _register_entry_point(pm: PluginManager, ep: metadata.EntryPoint, problems: list[PluginProblem]) -> None:
+    try:
+        plugin = ep.load()
+    except Exception as exc:  # a broken plugin must not take the others down
+        problems.append(PluginProblem(ep.name, "import", one_line(exc)))
+        return
+    try:
+        pm.register(plugin, name=ep.name)
+    except Exception as exc:  # e.g. a hookimpl asking for an argument this runner's hook lacks
+        problems.append(PluginProblem(ep.name, "register", one_line(exc)))
+        return
+    dist = getattr(ep, "dist", None)
+    pm.distributions[ep.name] = (dist.name if dist else None, dist.version if dist else None)
 
 
 def _plugin_info(pm: PluginManager, plugin: object) -> PluginInfo:
@@ -143,30 +198,51 @@ def load_registries(pm: pluggy.PluginManager | None = None) -> Registries:
     registries = Registries()
     if pm is None:
         pm = get_plugin_manager(registries.problems)
+    registries.skipped.update(getattr(pm, "skipped", {}))
     for plugin in pm.get_plugins():
         info = _plugin_info(pm, plugin)
         registries.plugins[info.name] = info
     kinds = registries.by_kind()
     for hook_name, kind in hookspecs.HOOK_KINDS.items():
-        registry = kinds[kind]
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             info = registries.plugins[impl.plugin_name]
-            register = _register_callback(registry, info, registries.problems, hook_name)
-            arguments = {"register": register}
-            try:
-                impl.function(**{arg: arguments[arg] for arg in impl.argnames})
-            except Exception as exc:
-                registries.problems.append(PluginProblem(info.name, hook_name, f"{type(exc).__name__}: {exc}"))
+            pending = _call_registration_hook(impl, hook_name, info, registries.problems)
+            for name, obj in pending:
+                _register(kinds[kind], name, obj, info, hook_name, registries.problems)
     return registries
 
 
-def _register_callback(
-    registry: Registry[Any], info: PluginInfo, problems: list[PluginProblem], hook_name: str
-) -> Callable[[str, Any], None]:
-    def register(name: str, obj: Any) -> None:
-        try:
-            registry.register(name, obj, plugin=info.name, distribution=info.distribution, version=info.version)
-        except DuplicateNameError as exc:
-            problems.append(PluginProblem(info.name, hook_name, str(exc)))
+def _call_registration_hook(impl: Any, hook_name: str, info: PluginInfo, problems: list[PluginProblem]) -> list[tuple[str, Any]]:
+    """Run one plugin's hook and return what it registered: nothing at all if the hook raised.
 
-    return register
+    Only the arguments the implementation names are passed (pluggy's rule), so an implementation
+    written before a hook gained an argument keeps working.
+    """
+    pending: list[tuple[str, Any]] = []
+
+    def register(name: str, builder: Any) -> None:
+        # checked here, so the plugin's own traceback points at the bad call
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"register() needs a non-empty string name, got {name!r}")
+        if not callable(builder):
+            raise TypeError(f"register({name!r}, …) needs a callable builder, got {type(builder).__name__}")
+        pending.append((name, builder))
+
+    offered: dict[str, Any] = {"register": register}
+    unknown = [arg for arg in impl.argnames if arg not in offered]
+    if unknown:
+        problems.append(PluginProblem(info.name, hook_name, f"asks for {', '.join(unknown)}, which this runner version does not provide"))
+        return []
+    try:
+        impl.function(**{arg: offered[arg] for arg in impl.argnames})
+    except Exception as exc:
+        problems.append(PluginProblem(info.name, hook_name, one_line(exc)))
+        return []
+    return pending
+
+
+def _register(registry: Registry[Any], name: str, obj: Any, info: PluginInfo, hook_name: str, problems: list[PluginProblem]) -> None:
+    try:
+        registry.register(name, obj, plugin=info.name, distribution=info.distribution, version=info.version)
+    except DuplicateNameError as exc:
+        problems.append(PluginProblem(info.name, hook_name, str(exc)))

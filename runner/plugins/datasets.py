@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from runner.errors import RunnerError, SpecError
+from runner.errors import CorruptImageError, RunnerError, SpecError
 from runner.hookspecs import hookimpl
 from runner.interfaces import DatasetRequest
 
@@ -43,9 +44,66 @@ def load_image_folder(request: DatasetRequest) -> Any:
         raise SpecError(f"data.options.root: no such directory: {root}")
     extra = {k: v for k, v in request.options.items() if k != "root"}
     try:
-        return ImageFolder(str(root), **extra)
+        dataset = ImageFolder(str(root), **extra)
     except FileNotFoundError as exc:
         raise SpecError(f"data.options.root: {exc}") from None
+    except TypeError as exc:
+        raise SpecError(f"data.options: ImageFolder: {exc}") from None
+    check_image_files(dataset, request.on_corrupt)
+    return dataset
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def unreadable_reason(path: str) -> str | None:
+    """Why PIL cannot read the image file at ``path``, or None (checks its structure, not every pixel)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is not a usable image
+        return _one_line(exc)
+    return None
+
+
+class NamingLoader:
+    """An image loader whose decoding errors name the file (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, loader: Callable[[str], Any]) -> None:
+        self.loader = loader
+
+    def __call__(self, path: str) -> Any:
+        try:
+            return self.loader(path)
+        except Exception as exc:
+            raise CorruptImageError(f"cannot decode image {path}: {_one_line(exc)}") from None
+
+
+def check_image_files(dataset: Any, on_corrupt: str) -> None:
+    """Before any training, refuse the first unreadable image file, or leave all of them out and count them.
+
+    A file that passes this check but still fails to decode later (e.g. a truncated JPEG) fails the
+    run with an error naming it.
+    """
+    good, skipped = [], []
+    for path, target in dataset.samples:
+        reason = unreadable_reason(path)
+        if reason is None:
+            good.append((path, target))
+        elif on_corrupt == "skip":
+            skipped.append(path)
+        else:
+            raise CorruptImageError(f"data: corrupt image {path} ({reason}); replace or remove it, or set data.on_corrupt: skip")
+    if skipped:
+        dataset.samples = dataset.imgs = good
+        dataset.targets = [target for _, target in good]
+        print(f"warning: data: skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]} (data.on_corrupt: skip)", file=sys.stderr)
+    dataset.skipped_corrupt = skipped
+    dataset.loader = NamingLoader(dataset.loader)
 
 
 def _torchvision_dataset_builder(cls: type) -> Callable[[DatasetRequest], Any]:

@@ -1,0 +1,100 @@
+"""The self-contained HTML report: tables, learning curves and confusion matrices in one file.
+
+Images are PNG data URIs and the styles are inline: the file opens in any browser, offline, and
+can be mailed or attached as it is. It loads nothing from the network and runs no scripts.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+
+from runner.reports import Report, blank_missing, plot_data
+from runner.store import Store, utcnow
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{{ title }}</title>
+<style>
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em; color: #222; }
+h1 { margin-bottom: 0.2em; }
+p.meta { color: #555; margin-top: 0; }
+table.report { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
+table.report th, table.report td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+table.report th { background: #eef2f7; }
+table.report tr:nth-child(even) td { background: #fafafa; }
+div.scroll { overflow-x: auto; }
+figure { margin: 1em 0 2em; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-weight: 600; margin-bottom: 0.4em; }
+</style>
+</head>
+<body>
+<h1>{{ title }}</h1>
+<p class="meta">Generated {{ generated }} UTC from {{ source }} &middot; {{ run_count }} run{{ "" if run_count == 1 else "s" }}</p>
+{% if groups_html %}
+<h2>Groups</h2>
+<p class="meta">Mean, sample standard deviation and 95% confidence half-width (Student's t) per metric.</p>
+{{ groups_html }}
+{% endif %}
+<h2>Runs</h2>
+{{ runs_html }}
+{% if overlay %}
+<h2>Learning curves, overlaid</h2>
+<figure><img alt="learning curves of the runs, overlaid" src="data:image/png;base64,{{ overlay }}"></figure>
+{% endif %}
+{% if figures %}
+<h2>Learning curves and test confusion matrices</h2>
+{% if plotted < run_count %}<p class="meta">Figures for the first {{ plotted }} of {{ run_count }} runs (raise --max-plots for more).</p>{% endif %}
+{% for figure in figures %}
+<figure id="run-{{ figure.run_id }}">
+<figcaption>{{ figure.name }} &middot; {{ figure.run_id }}</figcaption>
+<img alt="learning curves and confusion matrix of {{ figure.name }} ({{ figure.run_id }})" src="data:image/png;base64,{{ figure.png }}">
+</figure>
+{% endfor %}
+{% endif %}
+</body>
+</html>
+"""
+
+
+def _table_html(frame: Any) -> str:
+    # pandas escapes cell text; float_format keeps the table readable without losing the ranking
+    table = blank_missing(frame).to_html(index=False, na_rep="", border=0, classes="report", float_format=lambda v: f"{v:.4f}")
+    return f'<div class="scroll">{table}</div>'
+
+
+def _png_base64(figure: Any) -> str:
+    from runner.plots import figure_bytes
+
+    return base64.b64encode(figure_bytes(figure, "png")).decode("ascii")
+
+
+def render_html(report: Report, store: Store | None, title: str = "runner report", max_plots: int = 20) -> str:
+    """The whole report as one HTML document; figures for the first ``max_plots`` runs in report order."""
+    plotted_ids = report.run_ids[: max(0, max_plots)] if store is not None else []
+    figures, overlay = [], None
+    if plotted_ids:
+        from runner.plots import overlay_figure, runs_figure
+
+        runs = plot_data(store, plotted_ids)
+        figures = [{"run_id": run.run_id, "name": run.name, "png": _png_base64(runs_figure([run]))} for run in runs]
+        if len(runs) > 1:
+            overlay = _png_base64(overlay_figure(runs))
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return environment.from_string(TEMPLATE).render(
+        title=title,
+        generated=utcnow().isoformat(timespec="seconds"),
+        source=str(store.path or store.url) if store is not None else "a results store",
+        run_count=len(report.run_ids),
+        groups_html=Markup(_table_html(report.groups)) if report.groups is not None else None,
+        runs_html=Markup(_table_html(report.runs)),
+        overlay=overlay,
+        figures=figures,
+        plotted=len(figures),
+    )

@@ -1,0 +1,298 @@
+"""A trained run's model, loaded back: evaluate it, or classify new images with it.
+
+The model is rebuilt from the run's stored resolved spec (no pretrained weights are fetched),
+then its checkpoint is loaded with ``torch.load(weights_only=True)``. Images are read and
+preprocessed exactly as the run's evaluation data was: converted to the dataset's image mode,
+given as the same type (PIL image or uint8 tensor), then passed through the run's evaluation
+transforms (with ``GrayscaleToRgb`` where the run expanded grey images for an RGB model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from runner.errors import RunnerError
+from runner.spec import Spec, TransformStep, load_spec
+from runner.store import Store
+
+CHECKPOINTS = ("best", "last")
+SPLITS = ("test", "val", "all")  # all: every image of the data, e.g. another dataset given with --set
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class InferenceError(RunnerError):
+    """A run's model cannot be loaded or used as asked (no checkpoint, unreadable image, bad option)."""
+
+
+@dataclass
+class RunModel:
+    """A run's trained model in eval mode, with everything needed to feed it new images."""
+
+    run_id: str
+    model: nn.Module
+    class_names: list[str]
+    spec: Spec
+    checkpoint: str  # best | last
+    epoch: int | None  # the epoch the checkpoint was saved at
+    preprocessing: list[dict[str, Any]]  # the evaluation transform steps, as the spec names them
+    transform: Callable[[Any], torch.Tensor]
+    input_shape: tuple[int, int, int]  # (C, H, W) that the model takes
+    image_mode: str  # PIL mode new images are converted to ("L", "RGB")
+    image_type: str  # what the dataset gave the transforms: "PIL" or "tensor"
+    device: torch.device
+
+    def preprocess(self, image: Any, source: str = "image") -> torch.Tensor:
+        """One PIL image → the (C, H, W) float tensor the model takes, as at evaluation time."""
+        from torchvision.transforms.v2 import functional as F
+
+        image = image.convert(self.image_mode) if image.mode != self.image_mode else image
+        tensor = self.transform(F.pil_to_tensor(image) if self.image_type == "tensor" else image)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != self.input_shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise InferenceError(
+                f"{source}: the run's evaluation transforms make it {shape}, but the model takes "
+                f"{self.input_shape} (images of the size the run was trained on, or a run whose transforms resize)"
+            )
+        return tensor.as_subclass(torch.Tensor)
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        output = self.model(batch.to(self.device))
+        return output.logits if hasattr(output, "logits") else output
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(batch).float(), dim=1)
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+
+
+def stored_spec(row: dict[str, Any], overrides: Sequence[str] = ()) -> Spec:
+    """The run's resolved spec (eval transforms and class count filled in), with any overrides."""
+    return load_spec(json.loads(row["spec_json"]), list(overrides))
+
+
+def default_device(row: dict[str, Any]) -> str:
+    """A CPU run is used on the CPU (so eval recomputes its numbers exactly); others on the best device."""
+    return "cpu" if (row.get("device") or "").startswith("cpu") else "auto"
+
+
+def checkpoint_path(store: Store, run_id: str, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The file of a run's ``best`` or ``last`` checkpoint, checked to exist and be the one the run wrote."""
+    if kind not in CHECKPOINTS:
+        raise InferenceError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {kind!r}")
+    kept = store.checkpoints(run_id)
+    record = kept.get(kind)
+    if record is None or not Path(record["path"]).is_file():
+        others = [k for k in CHECKPOINTS if k != kind and k in kept and Path(kept[k]["path"]).is_file()]
+        hint = f"; it has a {others[0]} checkpoint (--checkpoint {others[0]})" if others else ""
+        raise InferenceError(f"run {run_id} has no {kind} checkpoint on disk{hint}")
+    return Path(record["path"]), record
+
+
+def load_checkpoint_state(store: Store, run_id: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from runner.build import load_state_dict_file, sha256_file
+
+    path, record = checkpoint_path(store, run_id, kind)
+    if sha256_file(path) != record["sha256"]:
+        raise InferenceError(f"the {kind} checkpoint of run {run_id} ({path}) changed since the run wrote it (sha256 differs)")
+    return load_state_dict_file(path, f"{kind} checkpoint of run {run_id}"), record
+
+
+def eval_steps(spec: Spec, rgb_expanded: bool) -> list[TransformStep]:
+    from runner.build import with_rgb_expansion
+
+    steps = list(spec.transforms.eval or [])
+    return with_rgb_expansion(steps) if rgb_expanded else steps
+
+
+def _shapes_from_data(spec: Spec, registries: Any, base_dir: str) -> dict[str, Any]:
+    """For runs stored before their input shapes were recorded: read one sample of their dataset."""
+    from runner.build import build_transform, image_mode, load_dataset
+
+    dataset = load_dataset(spec, registries, base_dir)[0]
+    raw = dataset[0][0]
+    sample = build_transform(registries, list(spec.transforms.eval or []), "transforms.eval")(raw)
+    return {"data_shape": list(sample.shape), "image_type": "tensor" if isinstance(raw, torch.Tensor) else "PIL", "image_mode": image_mode(raw)}
+
+
+def load_run_model(store: Store, run_id: str, checkpoint: str = "best", device: str | None = None, registries: Any = None) -> RunModel:
+    """Rebuild a run's model, load its ``best`` (or ``last``) checkpoint, and ready it for inference."""
+    from runner.build import build_model, build_transform, resolve_device
+    from runner.plugins import load_registries
+
+    row = store.run_row(run_id)
+    run_id = row["id"]
+    spec = stored_spec(row)
+    registries = registries if registries is not None else load_registries()
+    settings = json.loads(row["settings_json"] or "{}")
+    if "data_shape" not in settings:
+        settings.update(_shapes_from_data(spec, registries, settings.get("spec_dir", ".")))
+    data_shape = tuple(int(s) for s in settings["data_shape"])
+    expanded = bool(settings.get("rgb_expanded"))
+    state, record = load_checkpoint_state(store, run_id, checkpoint)
+    model, _, _ = build_model(spec, registries, data_shape, load_weights=False)  # type: ignore[arg-type]
+    model.load_state_dict(state)
+    target = resolve_device(device or default_device(row))
+    model.to(target).eval()
+    steps = eval_steps(spec, expanded)
+    return RunModel(
+        run_id=run_id,
+        model=model,
+        class_names=json.loads(row["class_names_json"] or "[]"),
+        spec=spec,
+        checkpoint=checkpoint,
+        epoch=record["epoch"],
+        preprocessing=[{"name": s.name, **s.options} for s in steps],
+        transform=build_transform(registries, steps, "transforms.eval"),
+        input_shape=(3, *data_shape[1:]) if expanded else data_shape,  # type: ignore[arg-type]
+        image_mode=settings.get("image_mode") or ("L" if data_shape[0] == 1 else "RGB"),
+        image_type=settings.get("image_type", "PIL"),
+        device=target,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def check_data_overrides(overrides: Sequence[str]) -> None:
+    """Evaluation may point at other data, never change the model or its preprocessing."""
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if not key.startswith("data."):
+            raise InferenceError(f"--set {key}: eval takes only data.* keys (the model and its transforms are the run's)")
+
+
+def evaluate_run(
+    store: Store,
+    run_id: str,
+    split: str = "test",
+    overrides: Sequence[str] = (),
+    checkpoint: str = "best",
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run's checkpoint on its own split (the same seeded split) or on other data, and store it.
+
+    Returns the stored evaluation: ``split``, ``loss``, ``accuracy``, ``f1_macro`` and where it came from.
+    """
+    from runner.build import prepare
+    from runner.plugins import load_registries
+    from runner.training import build_loss, evaluate
+
+    if split not in SPLITS:
+        raise InferenceError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_data_overrides(overrides)
+    row = store.run_row(run_id)
+    run_id = row["id"]
+    spec = stored_spec(row, [*overrides, f"device={device or default_device(row)}"])
+    state, record = load_checkpoint_state(store, run_id, checkpoint)
+    settings = json.loads(row["settings_json"] or "{}")
+    # the run's own construction path: same split seed, same transforms, same RGB expansion
+    prepared = prepare(spec, load_registries(), base_dir=settings.get("spec_dir", "."), load_weights=False)
+    class_names = json.loads(row["class_names_json"] or "[]")
+    if class_names and prepared.class_names != class_names:
+        raise InferenceError(f"the data's classes {prepared.class_names} are not the run's {class_names}")
+    prepared.model.load_state_dict(state)
+    prepared.model.to(prepared.device)
+    loaders = {"test": lambda: prepared.test_loader, "val": lambda: prepared.val_loader,
+               "all": lambda: whole_data_loader(spec, prepared, settings.get("spec_dir", "."))}
+    loader = loaders[split]()
+    result = evaluate(prepared.model, loader, build_loss(spec, prepared.device), prepared.device, len(prepared.class_names))
+    evaluation = {
+        "split": split,
+        "loss": result["loss"],
+        "accuracy": result["accuracy"],
+        "f1_macro": result["f1_macro"],
+        "checkpoint": checkpoint,
+        "checkpoint_epoch": record["epoch"],
+        "dataset": spec.data.dataset,
+        "overrides": list(overrides),
+        "device": str(prepared.device),
+        "samples": int(sum(sum(r) for r in result["confusion"])),
+    }
+    evaluation["id"] = store.save_evaluation(
+        run_id, **{k: v for k, v in evaluation.items() if k != "overrides"}, overrides_json=json.dumps(list(overrides)),
+    )
+    return {"run_id": run_id, **evaluation}
+
+
+def whole_data_loader(spec: Spec, prepared: Any, base_dir: str) -> Any:
+    """Every image of the spec's data (its data.classes only), through the run's evaluation transforms."""
+    import numpy as np
+
+    from runner import data as data_mod
+    from runner.build import build_transform, load_dataset
+    from runner.plugins import load_registries
+
+    registries = load_registries()
+    dataset, targets, label_map, _ = load_dataset(spec, registries, base_dir)
+    indices = np.flatnonzero(np.isin(targets, list(label_map)))
+    transform = build_transform(registries, eval_steps(spec, bool(prepared.settings.get("rgb_expanded"))), "transforms.eval")
+    subset = data_mod.Relabelled(dataset, indices, label_map, None)
+    batch = spec.data.eval_batch_size or spec.data.batch_size
+    return data_mod.make_loader(subset, transform, True, batch, False, spec.seed, spec.data.num_workers, prepared.device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------
+# Prediction
+
+
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The images named, with each directory replaced by the images under it (recursively, sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InferenceError(f"{path}: no images in this directory ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InferenceError(f"{path}: no such file or directory")
+    return files
+
+
+def read_image(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InferenceError(f"{path}: cannot read it as an image ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def predict_images(run_model: RunModel, inputs: Sequence[str | Path], top_k: int = 5, batch_size: int | None = None) -> list[dict[str, Any]]:
+    """For each image: its path and the ``top_k`` classes with their probabilities, best first.
+
+    Images are read and preprocessed one batch at a time, so a large directory does not have to fit
+    in memory at once.
+    """
+    if top_k < 1:
+        raise InferenceError(f"--top-k must be at least 1, got {top_k}")
+    files = image_files(inputs)
+    k = min(top_k, len(run_model.class_names))
+    size = batch_size or run_model.spec.data.eval_batch_size or run_model.spec.data.batch_size
+    predictions: list[dict[str, Any]] = []
+    for start in range(0, len(files), size):
+        chunk = files[start:start + size]
+        batch = torch.stack([run_model.preprocess(read_image(p), str(p)) for p in chunk])
+        probs, indices = run_model.probabilities(batch).topk(k, dim=1)
+        for path, row_probs, row_indices in zip(chunk, probs.tolist(), indices.tolist()):
+            top = [{"class": run_model.class_names[i], "prob": p} for p, i in zip(row_probs, row_indices)]
+            predictions.append({"path": str(path), "top": top})
+    return predictions
+
+
+__all__ = ["RunModel", "InferenceError", "load_run_model", "evaluate_run", "predict_images", "image_files"]

@@ -1,0 +1,231 @@
+"""Run management: tags, deleting runs, and checkpoint retention (``runner tag|delete|prune``).
+
+Rows go through the store; files are removed here. Deleting removes a run's rows first, in one
+transaction, then its files: an interruption in between leaves files without rows (freed by
+deleting the directory), never rows that point at missing files. No torch import.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Sequence
+
+from runner.errors import RunnerError
+from runner.store import Store, utcnow
+
+KEEP_POLICIES = ("best", "last", "both", "all")
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "": 86400}
+_TAG = re.compile(r"^[\w.:+-][\w.:+/-]*$")
+
+
+class ManageError(RunnerError):
+    """A run-management request that cannot be carried out (bad tag, running run, bad age)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Tags
+
+
+def check_tags(tags: Sequence[str]) -> list[str]:
+    for tag in tags:
+        if not _TAG.match(tag):
+            raise ManageError(f"tag {tag!r}: use letters, digits and . _ - + : / (no spaces)")
+    return list(dict.fromkeys(tags))
+
+
+def tag_run(store: Store, run_id: str, add: Sequence[str] = (), remove: Sequence[str] = ()) -> list[str]:
+    """Add and remove tags of a run; its tags afterwards."""
+    run_id = store.resolve_run_id(run_id)
+    if add:
+        store.add_tags(run_id, check_tags(add))
+    if remove:
+        store.remove_tags(run_id, list(remove))
+    return store.tags([run_id]).get(run_id, [])
+
+
+# ------------------------------------------------------------------------------------------
+# Files
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _remove_file(path: Path) -> int:
+    """Delete a file; the bytes it held (0 if it was already gone)."""
+    size = _size(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(_size(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+# ------------------------------------------------------------------------------------------
+# Retention
+
+
+def checkpoints_to_remove(kinds: Sequence[str], keep: str) -> list[str]:
+    """Which of a run's checkpoint kinds a policy drops.
+
+    ``both`` keeps best and last, ``best`` or ``last`` keeps that one, ``all`` keeps everything
+    (per-epoch ``epoch-NNN`` files included). The kept kind must exist: a policy never removes a
+    run's only remaining model.
+    """
+    if keep not in KEEP_POLICIES:
+        raise ManageError(f"keep must be one of {', '.join(KEEP_POLICIES)}, got {keep!r}")
+    if keep == "all":
+        return []
+    kept = {"both": ("best", "last"), "best": ("best",), "last": ("last",)}[keep]
+    if not any(k in kinds for k in kept):
+        return []
+    return [k for k in kinds if k not in kept]
+
+
+def apply_retention(store: Store, run_id: str, keep: str) -> tuple[int, int]:
+    """Remove the checkpoints ``keep`` drops from one run: (files removed, bytes freed).
+
+    A file that cannot be removed (permissions) keeps its row and is reported on stderr: the run
+    stays usable either way.
+    """
+    records = store.checkpoints(run_id)
+    removed = freed = 0
+    for kind in checkpoints_to_remove(sorted(records), keep):
+        path = Path(records[kind]["path"])
+        try:
+            freed += _remove_file(path)
+        except OSError as exc:
+            print(f"warning: cannot remove {path}: {exc.strerror or exc}", file=sys.stderr)
+            continue
+        store.remove_checkpoint(run_id, kind)
+        removed += 1
+    return removed, freed
+
+
+def parse_age(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` (a bare number is days)."""
+    match = _AGE.match(text)
+    if not match:
+        raise ManageError(f"--older-than {text!r}: give an age such as 30d, 12h, 90m or 2w")
+    return timedelta(seconds=float(match.group(1)) * _AGE_UNITS[match.group(2)])
+
+
+@dataclass
+class PruneResult:
+    keep: str
+    runs_considered: int
+    runs_pruned: list[str] = field(default_factory=list)
+    files_removed: int = 0
+    bytes_freed: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {"keep": self.keep, "runs_considered": self.runs_considered, "runs_pruned": self.runs_pruned,
+                "files_removed": self.files_removed, "bytes_freed": self.bytes_freed, "dry_run": self.dry_run}
+
+
+def prune_candidates(store: Store, keep: str, older_than: str | None = None, now: datetime | None = None) -> dict[str, list[str]]:
+    """Completed runs (older than the age, if given) and the checkpoint kinds ``keep`` would drop.
+
+    Only completed runs: an interrupted, failed or lost run needs its last checkpoint to resume.
+    """
+    cutoff = (now or utcnow()) - parse_age(older_than) if older_than else None
+    candidates = {}
+    for run_id in store.completed_runs(ended_before=cutoff):
+        kinds = checkpoints_to_remove(sorted(store.checkpoints(run_id)), keep)
+        if kinds:
+            candidates[run_id] = kinds
+    return candidates
+
+
+def prune(store: Store, keep: str = "best", older_than: str | None = None, dry_run: bool = False) -> PruneResult:
+    """Apply a retention policy to old completed runs; how many files and bytes it freed."""
+    candidates = prune_candidates(store, keep, older_than)
+    result = PruneResult(keep=keep, runs_considered=len(store.completed_runs()), dry_run=dry_run)
+    for run_id, kinds in candidates.items():
+        records = store.checkpoints(run_id)
+        if dry_run:
+            result.files_removed += len(kinds)
+            result.bytes_freed += sum(_size(Path(records[k]["path"])) for k in kinds)
+        else:
+            removed, freed = apply_retention(store, run_id, keep)
+            result.files_removed += removed
+            result.bytes_freed += freed
+        result.runs_pruned.append(run_id)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# Deleting runs
+
+
+@dataclass
+class DeletePlan:
+    run_ids: list[str]
+    paths: list[Path]  # artefact directories and files outside them
+    bytes: int
+
+
+def delete_plan(store: Store, run_ids: Sequence[str], force: bool = False) -> DeletePlan:
+    """Resolve ids (prefixes allowed) and find each run's files; a live running run is refused."""
+    ids: list[str] = []
+    paths: list[Path] = []
+    for given in run_ids:
+        row = store.run_row(given)
+        if row["status"] == "running" and not force:
+            raise ManageError(f"run {row['id']} is running; stop it first (or pass --force if its process is gone)")
+        if row["id"] in ids:
+            continue
+        ids.append(row["id"])
+        directory = Path(row["artifacts_dir"]) if row["artifacts_dir"] else store.run_dir(row["id"])
+        own = directory if directory.name == row["id"] else None  # never a shared directory a row might name
+        if own is not None:
+            paths.append(own)
+        for record in store.checkpoints(row["id"]).values():
+            path = Path(record["path"])
+            if (own is None or own not in path.parents) and path not in paths:
+                paths.append(path)
+    total = sum(directory_bytes(p) if p.is_dir() else _size(p) for p in paths)
+    return DeletePlan(ids, paths, total)
+
+
+def delete_runs(store: Store, plan: DeletePlan) -> int:
+    """Delete the planned runs' rows (one transaction), then their files; the bytes freed."""
+    store.delete_runs(plan.run_ids)
+    freed = 0
+    for path in plan.paths:
+        if path.is_dir():
+            size = directory_bytes(path)
+            shutil.rmtree(path)
+            freed += size
+        elif path.exists():
+            freed += _remove_file(path)
+    return freed
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+__all__ = [
+    "KEEP_POLICIES", "ManageError", "tag_run", "apply_retention", "prune", "PruneResult", "parse_age",
+    "delete_plan", "delete_runs", "DeletePlan", "human_bytes",
+]

@@ -1,0 +1,361 @@
+"""Bad input: one clear line, exit code 2, no traceback, no run stored; mid-run problems fail the run (exit 1).
+
+Every case here is also a row of docs/errors.md, which this module writes:
+``python tests/test_bad_input.py > docs/errors.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from runner.store import SCHEMA_VERSION, Store
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+
+# A valid, fast spec that each case breaks in one place.
+BASE = """\
+name: bad-input
+seed: 0
+device: cpu
+data:
+  classes: [0, 1, 2]
+  train_per_class: 20
+model:
+  name: cnn
+  options:
+    layers: [Flatten, {type: Linear, out_features: num_classes}]
+training:
+  epochs: 1
+"""
+
+
+def spec(tmp: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def image_folder(root: Path, per_class: int = 8, fmt: str = "PNG", size: int = 8) -> Path:
+    """``root/<class>/<n>.png``: small random images in three classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog", "fox"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{n}.{fmt.lower()}", fmt)
+    return root
+
+
+def folder_spec(tmp: Path, root: Path, extra: str = "") -> Path:
+    return spec(tmp, f"""\
+seed: 0
+device: cpu
+data:
+  dataset: image_folder
+  options: {{root: {root}}}
+  batch_size: 4
+{extra}model:
+  name: cnn
+  options:
+    layers: [{{type: Conv2d, out_channels: 4, kernel_size: 3}}, Flatten, {{type: Linear, out_features: num_classes}}]
+training:
+  epochs: 1
+""")
+
+
+class RunsCode:
+    """Pickles to a call of ``os.mkdir(marker)``: loading it unsafely would create the marker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (self.marker,))
+
+
+def weights_file(tmp: Path, content: Any) -> str:
+    import torch
+
+    path = tmp / "weights.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    return BASE.replace("model:\n  name: cnn\n", f"model:\n  name: cnn\n  weights: {{file: {path}}}\n")
+
+
+@dataclass
+class Case:
+    """A bad input: how to make it (CLI arguments in a fresh directory) and a fragment of its message."""
+
+    id: str
+    what: str
+    make: Callable[[Path], list[Any]]
+    expect: str
+    env: dict[str, str] = field(default_factory=dict)
+    no_code_ran: bool = False  # the input tried to run code: its marker file must not exist
+
+
+def _run(path: Path, *extra: Any) -> list[Any]:
+    return ["run", path, "--db", path.parent / "results.db", *extra]
+
+
+def _store_case(make_store: Callable[[Path], Path]) -> Callable[[Path], list[Any]]:
+    return lambda tmp: ["run", spec(tmp, BASE), "--db", make_store(tmp)]
+
+
+def _garbage_store(tmp: Path) -> Path:
+    path = tmp / "results.db"
+    path.write_bytes(b"these are my notes, not a database\n" * 200)
+    return path
+
+
+def _foreign_store(tmp: Path) -> Path:
+    path = tmp / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    return path
+
+
+def _newer_store(tmp: Path) -> Path:
+    path = tmp / "results.db"
+    Store(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    return path
+
+
+CASES = [
+    Case("missing-spec", "a spec file that does not exist", lambda t: _run(t / "nowhere.yaml"), "spec file not found"),
+    Case("malformed-yaml", "malformed YAML", lambda t: _run(spec(t, "model: {name: cnn\nseed: 1\n")), "malformed YAML at line"),
+    Case("duplicate-key", "a key given twice in one mapping", lambda t: _run(spec(t, BASE + "seed: 2\n")), "duplicate key 'seed' at line 13"),
+    Case("empty-file", "an empty spec file", lambda t: _run(spec(t, "")), "the spec is empty"),
+    Case("not-a-mapping", "a spec that is not a mapping", lambda t: _run(spec(t, "- cnn\n- 3 epochs\n")), "a spec must be a mapping of keys to values, got list"),
+    Case("wrong-type", "a value of the wrong type", lambda t: _run(spec(t, BASE.replace("epochs: 1", "epochs: three"))), "training.epochs: Input should be a valid integer"),
+    Case("zero-epochs", "zero epochs", lambda t: _run(spec(t, BASE.replace("epochs: 1", "epochs: 0"))), "training.epochs: Input should be greater than 0"),
+    Case("negative-batch-size", "a negative batch size", lambda t: _run(spec(t, BASE.replace("  train_per_class: 20\n", "  train_per_class: 20\n  batch_size: -8\n"))), "data.batch_size: Input should be greater than 0"),
+    Case("split-fractions", "split fractions that do not add up to 1", lambda t: _run(spec(t, BASE.replace("  train_per_class: 20\n", "  train_per_class: 20\n  split: {train: 0.6, val: 0.3, test: 0.3}\n"))), "split fractions must add up to 1, got 1.2"),
+    Case("unknown-key", "an unknown key", lambda t: _run(spec(t, BASE.replace("training:", "trainig:"))), "unknown key 'trainig'; did you mean 'training'?"),
+    Case("unknown-nested-key", "an unknown nested key", lambda t: _run(spec(t, BASE + "  learning_rate: 0.1\n")), "unknown key 'training.learning_rate'"),
+    Case("unknown-model", "an unknown model name", lambda t: _run(spec(t, BASE.replace("name: cnn", "name: resnet5O"))), "model.name: "),
+    Case("unknown-dataset", "an unknown dataset name", lambda t: _run(spec(t, BASE.replace("  classes:", "  dataset: mnist_bundle\n  classes:"))), "data.dataset: "),
+    Case("unknown-transform", "an unknown transform name", lambda t: _run(spec(t, BASE + "transforms:\n  train: [{name: ToImage}, {name: RandomFlip}]\n")), "transforms.train[1]"),
+    Case("unknown-strategy", "an unknown strategy name", lambda t: _run(spec(t, BASE + "  strategy: {name: head_onyl}\n")), "training.strategy.name: "),
+    Case("missing-dataset-path", "a dataset path that does not exist", lambda t: _run(folder_spec(t, t / "no" / "such" / "dir")), "data.options.root: no such directory"),
+    Case("image-folder-without-classes", "an ImageFolder with no class folders", lambda t: _run(folder_spec(t, _mkdir(t / "images"))), "Couldn't find any class folder"),
+    Case("empty-image-folder", "an ImageFolder whose class folders hold no images", lambda t: _run(folder_spec(t, _mkdir(t / "images" / "cat").parent)), "Found no valid file for the classes cat"),
+    Case("corrupt-image", "a corrupt image file in an ImageFolder (`data.on_corrupt: error`, the default)", lambda t: _run(folder_spec(t, _with_corrupt_png(image_folder(t / "images")))), "broken.png (UnidentifiedImageError"),
+    Case("num-classes-mismatch", "`num_classes` not matching the dataset", lambda t: _run(spec(t, BASE.replace("  name: cnn\n", "  name: cnn\n  num_classes: 5\n"))), "model.num_classes is 5 but the data has 3 classes"),
+    Case("weights-name", "a weights name not valid for the model", lambda t: _run(spec(t, "device: cpu\ndata: {classes: [0, 1]}\nmodel: {name: 'torchvision:resnet18', weights: IMAGENET_V9}\n")), "'IMAGENET_V9' is not a weights name for resnet18 (valid: DEFAULT, IMAGENET1K_V1)"),
+    Case("weights-file-missing", "a weights file that does not exist", lambda t: _run(spec(t, BASE.replace("  name: cnn\n", f"  name: cnn\n  weights: {{file: {t / 'none.pt'}}}\n"))), "weights file not found"),
+    Case("weights-not-a-state-dict", "a weights file that is not a state dict", lambda t: _run(spec(t, weights_file(t, [1, 2, 3]))), "is not a state dict (a mapping of names to tensors)"),
+    Case("weights-not-torch", "a weights file that is not a PyTorch file", lambda t: _run(spec(t, weights_file(t, b"hello, not a tensor\n"))), "cannot be read as a PyTorch file"),
+    Case("weights-pickled-code", "a weights file carrying pickled code", lambda t: _run(spec(t, weights_file(t, RunsCode(t / "marker")))), "refused: it holds pickled code", no_code_ran=True),
+    Case("untrusted-hub", "a torch.hub model without `trust_repo: true`", lambda t: _run(spec(t, "model: {name: 'hub:pytorch/vision/resnet18'}\n")), "set model.trust_repo: true if you trust that repository"),
+    Case("cuda-unavailable", "CUDA requested where there is none", lambda t: _run(spec(t, BASE.replace("device: cpu", "device: cuda"))), "device: cuda was requested but this machine has no usable CUDA device"),
+    Case("store-directory-missing", "a store path in a directory that does not exist", _store_case(lambda t: t / "no" / "dir" / "results.db"), "directory"),
+    Case("store-unwritable", "a store path that cannot be written", _store_case(lambda t: Path("/proc/results.db")), "cannot use the store /proc/results.db: unable to open database file"),
+    Case("store-not-a-database", "a store file that is not a database", _store_case(_garbage_store), "file is not a database"),
+    Case("store-of-another-program", "an SQLite file of another program", _store_case(_foreign_store), "holds tables but is not a runner results store"),
+    Case("store-too-new", "a store written by a newer runner", _store_case(_newer_store), "newer than this runner understands"),
+    Case("set-unknown-key", "`--set` for a key that does not exist", lambda t: _run(spec(t, BASE), "--set", "training.epoch=3"), "unknown key 'training.epoch'; did you mean 'training.epochs'?"),
+    Case("set-without-value", "`--set` without `=`", lambda t: _run(spec(t, BASE), "--set", "training.epochs"), "--set expects KEY=VALUE"),
+    Case("yaml-python-tag", "a YAML tag that constructs a Python object", lambda t: _run(spec(t, f"model: !!python/object/apply:os.mkdir ['{t / 'marker'}']\n")), "YAML tag not allowed", no_code_ran=True),
+    Case("heartbeat-setting", "a `RUNNER_HEARTBEAT_S` that is not a positive number", lambda t: _run(spec(t, BASE)), "RUNNER_HEARTBEAT_S must be a positive number of seconds", env={"RUNNER_HEARTBEAT_S": "0"}),
+]
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def _with_corrupt_png(root: Path) -> Path:
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return root
+
+
+def _skip_reason(case: Case) -> str | None:
+    if case.id == "cuda-unavailable":
+        import torch
+
+        if torch.cuda.is_available():
+            return "this machine has CUDA"
+    if case.id == "store-unwritable" and not Path("/proc").is_dir():
+        return "needs /proc"
+    return None
+
+
+def _store_of(args: list[Any]) -> Path:
+    return Path(args[args.index("--db") + 1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_stores_nothing(case: Case, run_cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if reason := _skip_reason(case):
+        pytest.skip(reason)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    args = case.make(tmp_path)
+    store_existed = _store_of(args).exists()
+
+    result = run_cli(*args)
+
+    assert result.exit_code == 2, result.err
+    assert result.err.startswith("error: ") and result.err.endswith("\n")
+    assert result.err.count("\n") == 1, result.err  # one line, so no traceback
+    assert case.expect in result.err
+    assert result.out == ""
+    store = _store_of(args)
+    if store.exists() and not store_existed:
+        assert Store(store).count_runs() == 0  # no run row was written
+    assert not (tmp_path / "runs").exists()
+    if case.no_code_ran:
+        assert not (tmp_path / "marker").exists()
+
+
+def test_debug_shows_the_traceback_of_a_bad_input(run_cli: Any, tmp_path: Path) -> None:
+    from runner.errors import SpecError
+
+    with pytest.raises(SpecError, match="the spec is empty"):
+        run_cli("--debug", "run", spec(tmp_path, ""))
+
+
+def test_a_corrupt_image_is_skipped_and_counted_when_the_spec_says_so(run_cli: Any, tmp_path: Path) -> None:
+    root = _with_corrupt_png(image_folder(tmp_path / "images"))
+    path = folder_spec(tmp_path, root, extra="  on_corrupt: skip\n")
+    result = run_cli("run", path, "--db", tmp_path / "results.db", "-q")
+
+    assert result.exit_code == 0, result.err
+    assert f"warning: data: skipped 1 unreadable image file(s), e.g. {root / 'dog' / 'broken.png'}" in result.err
+    details = run_cli("show", result.out.strip(), "--db", tmp_path / "results.db", "--format", "json").json()
+    assert details["status"] == "completed"
+    assert details["settings"]["skipped_corrupt"] == [str(root / "dog" / "broken.png")]
+    assert sum(details["settings"]["split_sizes"].values()) == 24  # 25 files, 1 left out
+
+
+def truncated_test_image(tmp: Path) -> tuple[Path, Path]:
+    """An ImageFolder of JPEGs where one test-split image is cut short: its header reads, its pixels do not."""
+    from torchvision.datasets import ImageFolder
+
+    from runner.data import dataset_targets, stratified_split
+
+    root = image_folder(tmp / "images", per_class=8, fmt="JPEG", size=32)
+    dataset = ImageFolder(str(root))
+    split = stratified_split(dataset_targets(dataset), (0.7, 0.15, 0.15), seed=0)
+    victim = Path(dataset.samples[int(split.test[0])][0])
+    victim.write_bytes(victim.read_bytes()[:-10])  # the end of the pixel data and the end marker
+    return folder_spec(tmp, root), victim
+
+
+def test_an_image_that_fails_to_decode_mid_run_fails_the_run_naming_the_file_and_keeps_its_epochs(run_cli: Any, tmp_path: Path) -> None:
+    path, victim = truncated_test_image(tmp_path)
+    db = tmp_path / "results.db"
+    result = run_cli("run", path, "--db", db, "-q")
+
+    assert result.exit_code == 1
+    assert result.err.count("\n") == 1
+    assert f"cannot decode image {victim}: OSError: image file is truncated" in result.err
+    run = run_cli("runs", "--db", db, "--format", "json").json()[0]
+    details = run_cli("show", run["id"], "--db", db, "--format", "json").json()
+    assert details["status"] == "failed"
+    assert str(victim) in details["error"]
+    assert [e["epoch"] for e in details["epochs"]] == [1]  # the epoch trained before the test split failed
+
+
+# ------------------------------------------------------------------------------------------
+# docs/errors.md, written from the messages the cases actually get
+
+
+def _message(case: Case, workdir: Path) -> str:
+    from runner.cli import main
+
+    previous = {key: os.environ.get(key) for key in case.env}
+    os.environ.update(case.env)
+    args = [str(a) for a in case.make(workdir)]
+    try:
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main(args)
+            except SystemExit:
+                pass
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return err.getvalue().strip().replace(str(workdir), "DIR")
+
+
+def errors_markdown(base: Path) -> str:
+    rows = []
+    for case in CASES:
+        workdir = base / case.id
+        workdir.mkdir(parents=True)
+        os.chdir(workdir)
+        message = _message(case, workdir).replace("|", "\\|")
+        rows.append(f"| {case.what} | `` {message} `` |")
+    mid_run_dir = base / "mid-run"
+    mid_run_dir.mkdir()
+    os.chdir(mid_run_dir)
+    path, _ = truncated_test_image(mid_run_dir)
+    mid_run = Case("truncated", "", lambda t: ["run", path, "--db", t / "results.db", "-q"], "")
+    failed = re.sub(r"run [0-9a-f]{12} failed", "run RUN_ID failed", _message(mid_run, mid_run_dir))
+    return "\n".join([
+        "# Bad input and the messages it gets",
+        "",
+        "What can be checked before training starts is refused with one line on stderr, exit code 2,",
+        "no traceback (add `--debug` for one) and no run stored. `DIR` stands for the directory of the",
+        "spec or store. Every row is a test in `tests/test_bad_input.py`, and this file is written from",
+        "the messages those inputs really get: `python tests/test_bad_input.py > docs/errors.md`.",
+        "",
+        "| Bad input | Message (`runner run SPEC`) |",
+        "|---|---|",
+        *rows,
+        "",
+        "## Problems that surface during a run",
+        "",
+        "The run is stored as `failed` with the error and its traceback (`runner show RUN_ID`), the",
+        "epochs it finished stay in the store, and the exit code is 1. After fixing the cause,",
+        "`runner resume RUN_ID` continues it from its last checkpoint.",
+        "",
+        "| Problem | Message |",
+        "|---|---|",
+        f"| an image that passes the file check but cannot be decoded (here a truncated JPEG in the test split) | `` {failed} `` |",
+        "",
+        "A run stopped by Ctrl-C or SIGTERM is stored as `interrupted` (exit code 130 or 143), and one",
+        "whose process died without a word (SIGKILL, out of memory) shows as `lost` once it has missed",
+        "two heartbeats (`RUNNER_HEARTBEAT_S`, 10 s by default); both can be resumed.",
+        "",
+    ])
+
+
+def test_docs_errors_md_is_written_from_these_cases(tmp_path: Path) -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    for case in CASES:
+        assert f"| {case.what} |" in text, f"docs/errors.md lacks the case {case.id}: regenerate it"
+        assert case.expect in text, f"docs/errors.md has an old message for {case.id}: regenerate it"
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["TORCH_HOME"] = str(Path(scratch) / "torch_home")
+        sys.stdout.write(errors_markdown(Path(scratch)))

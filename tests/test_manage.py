@@ -1,0 +1,187 @@
+"""Run management: tags and --tag filters, delete, checkpoint retention and prune."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def train(run_cli, tiny_spec, db, *overrides: str) -> str:
+    sets = [a for o in ("training.epochs=1", *overrides) for a in ("--set", o)]
+    result = run_cli("run", tiny_spec, "--db", db, "-q", *sets)
+    assert result.exit_code == 0, result.err
+    return result.out.strip()
+
+
+def query(db: Path, sql: str, *args: object) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def run_files(db: Path, run_id: str) -> list[str]:
+    return sorted(p.name for p in (db.parent / "runs" / run_id).iterdir())
+
+
+def rows_of(db: Path, run_id: str) -> dict[str, int]:
+    """Rows that mention the run, per table (every table with a run_id column, and runs itself)."""
+    counts = {"runs": query(db, "SELECT COUNT(*) FROM runs WHERE id = ?", run_id)[0][0]}
+    for (table,) in query(db, "SELECT name FROM sqlite_master WHERE type = 'table'"):
+        columns = [c[1] for c in query(db, f"PRAGMA table_info({table})")]
+        if "run_id" in columns:
+            counts[table] = query(db, f"SELECT COUNT(*) FROM {table} WHERE run_id = ?", run_id)[0][0]
+    return counts
+
+
+# ------------------------------------------------------------------------------------------
+# Retention
+
+
+def test_checkpoint_retention_keeps_what_the_spec_asks(run_cli, tiny_spec, db):
+    both = train(run_cli, tiny_spec, db, "training.epochs=2")
+    every = train(run_cli, tiny_spec, db, "training.epochs=2", "checkpoints.keep=all")
+    best = train(run_cli, tiny_spec, db, "training.epochs=2", "checkpoints.keep=best")
+
+    assert run_files(db, both) == ["best.pt", "last.pt"]
+    assert run_files(db, every) == ["best.pt", "epoch-001.pt", "epoch-002.pt", "last.pt"]
+    assert run_files(db, best) == ["best.pt"]
+    kinds = {r: sorted(run_cli("show", r, "--db", db, "--format", "json").json()["checkpoints"]) for r in (both, every, best)}
+    assert kinds == {both: ["best", "last"], every: ["best", "epoch-001", "epoch-002", "last"], best: ["best"]}
+    # keep: best still leaves a usable model
+    assert run_cli("eval", best, "--db", db).exit_code == 0
+    # retention decides what is kept on disk, not what is trained: the spec hash ignores it
+    assert len(set(query(db, "SELECT spec_hash FROM runs"))) == 1
+
+
+def test_keep_last_leaves_only_the_last_checkpoint(run_cli, tiny_spec, db):
+    run_id = train(run_cli, tiny_spec, db, "checkpoints.keep=last")
+    assert run_files(db, run_id) == ["last.pt"]
+    result = run_cli("predict", run_id, "--db", db, str(DATA / "missing.png"))
+    assert result.exit_code == 2 and "has no best checkpoint on disk; it has a last checkpoint (--checkpoint last)" in result.err
+
+
+def test_prune_frees_the_expected_bytes(run_cli, tiny_spec, db):
+    first, second = train(run_cli, tiny_spec, db), train(run_cli, tiny_spec, db, "checkpoints.keep=all")
+    runs_dir = db.parent / "runs"
+    dropped = [runs_dir / first / "last.pt", runs_dir / second / "last.pt", runs_dir / second / "epoch-001.pt"]
+    expected = sum(p.stat().st_size for p in dropped)
+
+    assert run_cli("prune", "--db", db, "--older-than", "1d", "--yes").out.startswith("0 of 2 completed run(s) pruned")
+    dry = run_cli("prune", "--db", db, "--dry-run", "--format", "json").json()
+    assert (dry["bytes_freed"], dry["files_removed"], dry["dry_run"]) == (expected, 3, True)
+    assert all(p.exists() for p in dropped)
+
+    result = run_cli("prune", "--db", db, "--keep", "best", "--yes")
+    assert result.exit_code == 0, result.err
+    assert f"2 of 2 completed run(s) pruned (keep best): 3 checkpoint file(s), freed {expected} bytes" in result.out
+    assert not any(p.exists() for p in dropped)
+    assert run_files(db, first) == ["best.pt"] and run_files(db, second) == ["best.pt"]
+    assert query(db, "SELECT run_id, kind FROM checkpoints ORDER BY run_id, kind") == sorted([(first, "best"), (second, "best")])
+    assert run_cli("prune", "--db", db, "--yes", "--format", "json").json()["bytes_freed"] == 0  # nothing left to drop
+
+
+def test_prune_keeps_runs_that_could_still_resume(run_cli, tiny_spec, db):
+    run_id = train(run_cli, tiny_spec, db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET status = 'interrupted' WHERE id = ?", (run_id,))
+    result = run_cli("prune", "--db", db, "--yes", "--format", "json")
+    assert result.json()["runs_pruned"] == [] and run_files(db, run_id) == ["best.pt", "last.pt"]
+    assert run_cli("prune", "--db", db, "--older-than", "soon").err.strip().startswith("error: --older-than 'soon'")
+
+
+# ------------------------------------------------------------------------------------------
+# Delete
+
+
+def test_delete_leaves_no_rows_and_no_files_of_the_run(run_cli, tiny_spec, db, monkeypatch):
+    doomed = train(run_cli, tiny_spec, db, "checkpoints.keep=all")
+    kept = train(run_cli, tiny_spec, db)
+    run_cli("tag", doomed, "old", "--db", db)
+    assert run_cli("eval", doomed, "--db", db).exit_code == 0
+    assert all(count > 0 for table, count in rows_of(db, doomed).items() if table in ("runs", "epoch_metrics", "checkpoints", "tags", "evaluations"))
+    kept_rows = rows_of(db, kept)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+    refused = run_cli("delete", doomed, "--db", db)
+    assert refused.exit_code == 130 and "aborted" in refused.err
+    assert rows_of(db, doomed)["runs"] == 1 and (db.parent / "runs" / doomed).is_dir()
+
+    result = run_cli("delete", doomed[:8], "--db", db, "--yes")
+    assert result.exit_code == 0, result.err
+    assert f"deleted 1 run(s): {doomed}" in result.out
+    assert set(rows_of(db, doomed).values()) == {0}
+    assert not (db.parent / "runs" / doomed).exists()
+    assert not any(doomed in str(p) for p in db.parent.rglob("*"))
+    assert rows_of(db, kept) == kept_rows and run_files(db, kept) == ["best.pt", "last.pt"]
+    assert run_cli("show", doomed, "--db", db).exit_code == 2
+
+
+def test_delete_refuses_a_running_run_unless_forced(run_cli, tiny_spec, db):
+    run_id = train(run_cli, tiny_spec, db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET status = 'running', lost_after = '2999-01-01 00:00:00' WHERE id = ?", (run_id,))
+    result = run_cli("delete", run_id, "--db", db, "--yes")
+    assert result.exit_code == 2 and "is running" in result.err and "--force" in result.err
+    assert run_cli("delete", run_id, "--db", db, "--yes", "--force").exit_code == 0
+    assert query(db, "SELECT COUNT(*) FROM runs") == [(0,)]
+
+
+# ------------------------------------------------------------------------------------------
+# Tags
+
+
+def test_tags_filter_runs_and_report(run_cli, tiny_spec, db):
+    baseline, candidate = train(run_cli, tiny_spec, db), train(run_cli, tiny_spec, db, "seed=1")
+    assert run_cli("tag", baseline, "paper", "baseline", "--db", db).out.strip() == f"{baseline}: baseline, paper"
+    assert run_cli("tag", candidate, "paper", "--db", db).exit_code == 0
+
+    def ids(*args: str) -> list[str]:
+        return [r["id"] for r in run_cli("runs", "--db", db, "--format", "json", *args).json()]
+
+    assert sorted(ids("--tag", "paper")) == sorted([baseline, candidate])
+    assert ids("--tag", "paper", "--tag", "baseline") == [baseline]
+    assert ids("--tag", "nothing") == []
+    assert baseline in run_cli("runs", "--db", db, "--tag", "baseline").out
+
+    report = run_cli("report", "--db", db, "--tag", "baseline", "--format", "json")
+    assert report.exit_code == 0, report.err
+    assert [r["id"] for r in report.json()] == [baseline]
+
+    assert run_cli("tag", baseline, "--remove", "paper", "--db", db).out.strip() == f"{baseline}: baseline"
+    assert ids("--tag", "paper") == [candidate]
+    assert run_cli("show", baseline, "--db", db, "--format", "json").json()["tags"] == ["baseline"]
+    bad = run_cli("tag", baseline, "two words", "--db", db)
+    assert bad.exit_code == 2 and "no spaces" in bad.err
+
+
+# ------------------------------------------------------------------------------------------
+# Schema
+
+
+def test_a_version_1_store_gains_the_tags_and_evaluations_tables(tmp_path):
+    from runner.store import SCHEMA_VERSION, Store
+
+    db = tmp_path / "v1.db"
+    shutil.copy(DATA / "store_v1.db", db)
+    store = Store(db, create=False)
+    assert store.schema_version() == SCHEMA_VERSION
+    columns = {table: [c[1] for c in query(db, f"PRAGMA table_info({table})")] for table in ("tags", "evaluations")}
+    assert columns["tags"] == ["run_id", "tag"]
+    assert columns["evaluations"] == ["id", "run_id", "created_at", "split", "checkpoint", "checkpoint_epoch", "dataset",
+                                      "overrides_json", "device", "samples", "loss", "accuracy", "f1_macro"]
+    [run_id] = [r["id"] for r in store.runs_table()]
+    store.add_tags(run_id, ["migrated"])  # an old run can be tagged and found by its tag
+    assert [r["id"] for r in store.runs_table(tags=["migrated"])] == [run_id]
+    assert store.evaluations(run_id) == []
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45s", 45), ("2w", 1209600), ("1.5", 129600)])
+def test_ages(text, seconds):
+    from runner.manage import parse_age
+
+    assert parse_age(text).total_seconds() == seconds

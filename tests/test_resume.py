@@ -1,0 +1,261 @@
+"""`runner resume`: interrupted, failed and lost runs continue from their last checkpoint, bit for bit.
+
+The spec (tests/specs/resume.yaml) makes every piece of state matter: random crops through a
+DataLoader, dropout, gradual unfreezing (a new optimizer at epoch 2), a scheduler and early stopping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from runner.store import Store
+
+SPEC = Path(__file__).resolve().parent / "specs" / "resume.yaml"
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """Runs compared bit for bit must use the same number of CPU threads (subprocesses get 1 too)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(one_thread: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The `show` JSON of the spec run once without interruption."""
+    from runner.execute import run_experiment
+    from runner.reports import run_details
+
+    store = Store(tmp_path_factory.mktemp("uninterrupted") / "results.db")
+    outcome = run_experiment(SPEC, store=store)
+    return run_details(store, outcome.run_id)
+
+
+def start_run(db: Path, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "run", str(SPEC), "--db", str(db), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
+
+
+def wait_for_first_epoch(db: Path, proc: subprocess.Popen[str], timeout: float = 180) -> str:
+    """The run's id, once its first epoch is in the store."""
+    deadline = time.monotonic() + timeout
+    store = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
+        if store is None and db.exists():
+            store = Store(db, create=False)
+        rows = store.runs_table() if store is not None else []
+        if rows and rows[0]["epochs_run"] >= 1:
+            return rows[0]["id"]
+        time.sleep(0.02)
+    raise AssertionError("no epoch was stored in time")
+
+
+def assert_same_training(details: dict[str, Any], reference: dict[str, Any]) -> None:
+    assert details["status"] == "completed"
+    assert details["epochs"] == reference["epochs"]  # every metric of every epoch, exactly
+    assert details["test"] == reference["test"]
+    assert details["best_epoch"] == reference["best_epoch"]
+    assert details["stop_reason"] == reference["stop_reason"]
+
+
+@contextmanager
+def checkpoint_of_epoch_fails(epoch: int) -> Iterator[None]:
+    """Inside, writing the last checkpoint of ``epoch`` fails as on a full disk."""
+    from runner import training
+
+    real_save = training.save_atomically
+
+    def disk_full(payload: Any, path: Path) -> None:
+        if path.name == "last.pt" and payload["epoch"] == epoch:
+            raise OSError(28, "No space left on device")
+        real_save(payload, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "save_atomically", disk_full)
+        yield
+
+
+def test_uninterrupted_reference_trains_every_epoch(uninterrupted: dict[str, Any]) -> None:
+    assert uninterrupted["status"] == "completed"
+    assert [e["epoch"] for e in uninterrupted["epochs"]] == list(range(1, EPOCHS + 1))
+
+
+def test_sigint_in_epoch_2_then_resume_equals_an_uninterrupted_run(run_cli: Any, tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    import torch
+
+    db = tmp_path / "results.db"
+    proc = start_run(db)
+    run_id = wait_for_first_epoch(db, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"run {run_id} interrupted by SIGINT; its last checkpoint is epoch 1" in err
+    assert f"runner resume {run_id}" in err
+    stopped = run_cli("show", run_id, "--db", db, "--format", "json").json()
+    assert stopped["status"] == "interrupted"
+    assert [e["epoch"] for e in stopped["epochs"]] == [1]
+    assert stopped["epochs"] == uninterrupted["epochs"][:1]
+    checkpoint = torch.load(tmp_path / "runs" / run_id / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+
+    resumed = run_cli("resume", run_id, "--db", db, "-q")
+    assert resumed.exit_code == 0, resumed.err
+    assert resumed.out.strip() == run_id
+    details = run_cli("show", run_id, "--db", db, "--format", "json").json()
+    assert_same_training(details, uninterrupted)
+    assert len(run_cli("runs", "--db", db, "--format", "json").json()) == 1  # the same run, not a new one
+
+
+def test_sigkill_shows_lost_within_two_heartbeats_and_resume_completes(run_cli: Any, tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    interval = 1.0
+    db = tmp_path / "results.db"
+    proc = start_run(db, RUNNER_HEARTBEAT_S=str(interval))
+    run_id = wait_for_first_epoch(db, proc)
+    assert run_cli("runs", "--db", db, "--format", "json").json()[0]["status"] == "running"
+
+    proc.kill()
+    proc.wait(timeout=30)
+    killed = time.monotonic()
+    while run_cli("runs", "--db", db, "--format", "json").json()[0]["status"] == "running":
+        assert time.monotonic() - killed < 10 * interval, "a killed run never showed as lost"
+        time.sleep(0.05)
+    shown_lost_after = time.monotonic() - killed
+    assert shown_lost_after <= 2 * interval + 0.5  # 0.5 s for polling and a busy machine
+
+    assert [r["id"] for r in run_cli("runs", "--db", db, "--status", "lost", "--format", "json").json()] == [run_id]
+    assert run_cli("show", run_id, "--db", db, "--format", "json").json()["status"] == "lost"
+    assert "lost" in run_cli("report", "--db", db, "--format", "csv").out
+
+    resumed = run_cli("resume", run_id, "--db", db, "-q")
+    assert resumed.exit_code == 0, resumed.err
+    assert_same_training(run_cli("show", run_id, "--db", db, "--format", "json").json(), uninterrupted)
+
+
+@pytest.mark.parametrize("failing_epoch", [1, 2])
+def test_failure_after_the_epoch_was_stored_keeps_metrics_and_resume_redoes_that_epoch(
+    run_cli: Any, tmp_path: Path, uninterrupted: dict[str, Any], failing_epoch: int,
+) -> None:
+    """An epoch reaches the store but its checkpoint cannot be written: the run fails with that
+    epoch's rows stored and the previous checkpoint (or none) on disk; resume deletes the rows and
+    trains the epoch again (from scratch when no checkpoint exists)."""
+    db = tmp_path / "results.db"
+    with checkpoint_of_epoch_fails(failing_epoch):
+        failed = run_cli("run", SPEC, "--db", db, "-q")
+    assert failed.exit_code == 1
+    assert failed.err.count("\n") == 1 and "No space left on device" in failed.err
+    run_id = run_cli("runs", "--db", db, "--format", "json").json()[0]["id"]
+    details = run_cli("show", run_id, "--db", db, "--format", "json").json()
+    assert details["status"] == "failed"
+    assert details["error"] == "OSError: [Errno 28] No space left on device"
+    assert "Traceback (most recent call last)" in details["traceback"] and "in disk_full" in details["traceback"]
+    assert details["epochs"] == uninterrupted["epochs"][:failing_epoch]  # nothing already stored is lost
+    assert (tmp_path / "runs" / run_id / "last.pt").exists() == (failing_epoch > 1)
+
+    resumed = run_cli("resume", run_id, "--db", db, "-q")
+    assert resumed.exit_code == 0, resumed.err
+    details = run_cli("show", run_id, "--db", db, "--format", "json").json()
+    assert_same_training(details, uninterrupted)
+    assert details["error"] is None and details["traceback"] is None
+
+
+def test_resume_of_a_head_only_run_on_cached_features_of_a_pretrained_backbone(
+    run_cli: Any, tmp_path: Path, trained_tiny_run: Any, one_thread: Any,
+) -> None:
+    """Transfer learning: the backbone's weights come from a file and only the head trains, on
+    backbone features computed once. A resume must compute them from the same backbone again."""
+    pretrained = trained_tiny_run.db.parent / "runs" / trained_tiny_run.run_id / "best.pt"
+    tiny = Path(__file__).resolve().parent / "specs" / "tiny.yaml"
+    args = [tiny, "-q", "--set", "training.strategy.name=head_only", "--set", "training.epochs=3",
+            "--set", "data.train_per_class=40", "--set", f"model.weights.file={pretrained}"]
+    reference_id = run_cli("run", *args, "--db", tmp_path / "reference.db").out.strip()
+    reference = run_cli("show", reference_id, "--db", tmp_path / "reference.db", "--format", "json").json()
+    assert reference["settings"]["feature_cache"] == "on"
+
+    db = tmp_path / "results.db"
+    with checkpoint_of_epoch_fails(2):
+        assert run_cli("run", *args, "--db", db).exit_code == 1
+    run_id = run_cli("runs", "--db", db, "--format", "json").json()[0]["id"]
+    assert run_cli("resume", run_id, "--db", db, "-q").exit_code == 0
+    assert_same_training(run_cli("show", run_id, "--db", db, "--format", "json").json(), reference)
+
+
+def test_resume_refuses_completed_running_and_unknown_runs(run_cli: Any, trained_tiny_run: Any, tmp_path: Path) -> None:
+    done = run_cli("resume", trained_tiny_run.run_id, "--db", trained_tiny_run.db)
+    assert done.exit_code == 2
+    assert done.err == f"error: run {trained_tiny_run.run_id} is completed; only interrupted, failed or lost runs can be resumed\n"
+
+    store = Store(tmp_path / "live.db")
+    store.create_run("alive0000000", heartbeat_s=60, name="alive", spec_yaml="", spec_json="{}", spec_hash="-",
+                     model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
+    alive = run_cli("resume", "alive", "--db", tmp_path / "live.db")
+    assert alive.exit_code == 2
+    assert alive.err.startswith("error: run alive0000000 is still running (last heartbeat ")
+    assert alive.err.count("\n") == 1
+
+    unknown = run_cli("resume", "nosuchrun", "--db", tmp_path / "live.db")
+    assert unknown.exit_code == 2 and "no run 'nosuchrun'" in unknown.err
+
+
+def test_two_resumes_of_one_run_cannot_both_claim_it(tmp_path: Path) -> None:
+    from runner.errors import StoreError
+
+    store = Store(tmp_path / "results.db")
+    store.create_run("stopped00000", name="x", spec_yaml="", spec_json="{}", spec_hash="-",
+                     model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
+    store.finish_run("stopped00000", "interrupted")
+    store.claim_for_resume("stopped00000", 0, heartbeat_s=60)
+    with pytest.raises(StoreError, match="cannot be resumed: it is no longer interrupted or failed or lost"):
+        store.claim_for_resume("stopped00000", 0, heartbeat_s=60)
+    assert store.run_row("stopped00000")["status"] == "running"
+
+
+def test_last_checkpoint_holds_everything_a_resume_needs_and_loads_weights_only(trained_tiny_run: Any) -> None:
+    import torch
+
+    path = trained_tiny_run.db.parent / "runs" / trained_tiny_run.run_id / "last.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2
+    assert {"model", "optimizer", "scheduler", "early_stopping", "history", "rng"} <= set(state)
+    assert {"torch", "numpy", "python", "train_loader"} <= set(state["rng"])
+    assert len(state["history"]) == 2 and "val_accuracy" in state["history"][0]
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from runner import training
+
+    path = tmp_path / "last.pt"
+    training.save_atomically({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def crash_half_way(payload: Any, target: Any) -> None:
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # the process stops in the middle of writing
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(torch, "save", crash_half_way)
+        training.save_atomically({"epoch": 2, "w": torch.zeros(3)}, path)
+
+    kept = torch.load(path, weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no half-written file left behind
