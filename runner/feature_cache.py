@@ -52,6 +52,8 @@ def blocker(prepared: Any) -> str | None:
     if len(heads) != 1:
         return "the model has more than one head"
     prefix = f"{heads[0]}."
+    if all(name.startswith(prefix) for name, _ in model.named_parameters()):
+        return "the model has no backbone outside its head"
     for epoch in range(1, spec.training.epochs + 1):
         trainable = select_trainable(model, prepared.strategy.stage(epoch).trainable)
         if any(not name.startswith(prefix) for name in trainable):

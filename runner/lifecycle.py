@@ -62,8 +62,10 @@ _state = _SignalState()
 
 
 def _raise_or_defer(signum: int, _frame: Any) -> None:
-    if _state.depth:
-        _state.pending = _state.pending or signum
+    # a second signal does not wait: whoever presses Ctrl-C twice wants out now, and the store and
+    # the checkpoint stay usable (each write is one transaction or one rename)
+    if _state.depth and _state.pending is None:
+        _state.pending = signum
         return
     raise Interrupted(signum)
 
@@ -91,7 +93,7 @@ def stop_on_signals() -> Iterator[None]:
 def signals_deferred(raise_after: bool = True) -> Iterator[None]:
     """A stop signal arriving inside waits until the block is done, then raises (or is dropped).
 
-    Used where stopping half-way would leave the store and the checkpoint disagreeing.
+    Used where stopping half-way would waste an epoch's bookkeeping; a second signal raises at once.
     """
     _state.depth += 1
     try:

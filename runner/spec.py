@@ -40,6 +40,12 @@ def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.Ma
 
 
 _StrictSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_without_duplicates)
+# YAML 1.2 booleans: only true/false. YAML 1.1 would turn `feature_cache: off` or `amp: on` into booleans.
+_StrictSafeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictSafeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 # YAML 1.1 reads "1e-3" as a string (it wants "1.0e-3"); learning rates are written the short way
 _StrictSafeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

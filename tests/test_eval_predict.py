@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
@@ -144,6 +143,7 @@ def write_held_out_digits(directory: Path, count: int) -> list[tuple[Path, int]]
     return written
 
 
+@pytest.mark.slow  # trains a 2-epoch quickstart run (about 20 s on 2 idle cores)
 def test_predict_ranks_the_true_class_first_on_held_out_digits(run_cli, quickstart_run, tmp_path):
     db, run_id = quickstart_run
     images = write_held_out_digits(tmp_path / "digits", 200)
@@ -170,6 +170,7 @@ def test_predict_ranks_the_true_class_first_on_held_out_digits(run_cli, quicksta
     assert row.split()[:2] == [one, expected["class"]]
 
 
+@pytest.mark.slow
 def test_predict_preprocesses_a_png_exactly_as_the_evaluation_data(quickstart_run, tmp_path):
     import torch
     from PIL import Image

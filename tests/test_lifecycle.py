@@ -49,6 +49,18 @@ def test_a_signal_inside_a_deferred_block_waits_until_the_block_is_done() -> Non
     assert done == ["checkpoint written"]
 
 
+def test_a_second_signal_inside_a_deferred_block_does_not_wait() -> None:
+    done = []
+    with pytest.raises(Interrupted), stop_on_signals(), signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        done.append("first signal waits")
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        done.append("second signal waits too")
+    assert done == ["first signal waits"]
+
+
 def test_a_late_signal_is_dropped_where_the_run_is_already_finishing() -> None:
     with stop_on_signals(), signals_deferred(raise_after=False):
         os.kill(os.getpid(), signal.SIGINT)

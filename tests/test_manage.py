@@ -63,6 +63,12 @@ def test_keep_last_leaves_only_the_last_checkpoint(run_cli, tiny_spec, db):
     assert run_files(db, run_id) == ["last.pt"]
     result = run_cli("predict", run_id, "--db", db, str(DATA / "missing.png"))
     assert result.exit_code == 2 and "has no best checkpoint on disk; it has a last checkpoint (--checkpoint last)" in result.err
+    assert run_cli("eval", run_id, "--db", db, "--checkpoint", "last").exit_code == 0
+
+    with open(db.parent / "runs" / run_id / "last.pt", "ab") as checkpoint:  # a checkpoint swapped behind the store's back
+        checkpoint.write(b"\0")
+    tampered = run_cli("eval", run_id, "--db", db, "--checkpoint", "last")
+    assert tampered.exit_code == 2 and "changed since the run wrote it (sha256 differs)" in tampered.err
 
 
 def test_prune_frees_the_expected_bytes(run_cli, tiny_spec, db):

@@ -169,7 +169,7 @@ def get_plugin_manager(problems: list[PluginProblem] | None = None) -> PluginMan
 def _register_entry_point(pm: PluginManager, ep: metadata.EntryPoint, problems: list[PluginProblem]) -> None:
     try:
         plugin = ep.load()
-    except Exception as exc:  # a broken plugin must not take the others down
+    except (Exception, SystemExit) as exc:  # a broken plugin must not take the others down (nor exit)
         problems.append(PluginProblem(ep.name, "import", one_line(exc)))
         return
     try:
@@ -221,7 +221,7 @@ def _call_registration_hook(impl: Any, hook_name: str, info: PluginInfo, problem
     pending: list[tuple[str, Any]] = []
 
     def register(name: str, builder: Any) -> None:
-        # checked here, so the plugin's own traceback points at the bad call
+        # checked at the call, so the hook fails at the mistake and none of its names count
         if not isinstance(name, str) or not name:
             raise ValueError(f"register() needs a non-empty string name, got {name!r}")
         if not callable(builder):
@@ -235,7 +235,7 @@ def _call_registration_hook(impl: Any, hook_name: str, info: PluginInfo, problem
         return []
     try:
         impl.function(**{arg: offered[arg] for arg in impl.argnames})
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         problems.append(PluginProblem(info.name, hook_name, one_line(exc)))
         return []
     return pending
