@@ -12,12 +12,18 @@ random numbers exactly as the runner does:
 * the images are transformed once, as one tensor, with the same arithmetic as torchvision's
   ``ToDtype(float32, scale=True)`` and ``Normalize`` (``mul(1/255)``, ``sub(mean)``, ``div(std)``).
 
-Prints one JSON object: ``{"epochs": [{"train_loss": …, "val_loss": …, "val_accuracy": …}], "test": {…}}``.
+The speed switches are options (``--threads``, ``--channels-last``, ``--device``, ``--amp``,
+``--cudnn-benchmark``); ``bench/parity.py`` passes the ones the runner recorded for its run. On CUDA
+the split tensors live on the GPU, as the runner keeps them.
+
+Prints one JSON object: ``{"epochs": [{"train_loss": …, "val_loss": …, "val_accuracy": …}], "test": {…},
+"seconds_in_process": …, "epoch_seconds": […]}`` (seconds counted after the imports).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -64,31 +70,39 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generat
             yield images[idx], labels[idx]
 
 
-def train_epoch(model, images, labels, batch_size, generator, optimizer, loss_fn, memory_format):
+def train_epoch(model, images, labels, batch_size, generator, optimizer, loss_fn, memory_format, autocast, scaler):
     model.train()
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=images.device)
     seen = 0
     for x, y in batches(images, labels, batch_size, generator):
         x = x.contiguous(memory_format=memory_format)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
+        with autocast():
+            loss = loss_fn(model(x), y)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         loss_sum += loss.detach() * y.shape[0]
         seen += y.shape[0]
     return loss_sum.item() / seen
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, batch_size, loss_fn, memory_format, num_classes):
+def evaluate(model, images, labels, batch_size, loss_fn, memory_format, num_classes, autocast):
     model.eval()
-    loss_sum = torch.zeros(())
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    loss_sum = torch.zeros((), device=images.device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=images.device)
     for x, y in batches(images, labels, batch_size, None):
-        logits = model(x.contiguous(memory_format=memory_format))
-        loss_sum += loss_fn(logits, y) * y.shape[0]
+        with autocast():
+            logits = model(x.contiguous(memory_format=memory_format))
+            loss = loss_fn(logits, y)
+        loss_sum += loss.float() * y.shape[0]
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
-    matrix = confusion.view(num_classes, num_classes)
+    matrix = confusion.view(num_classes, num_classes).cpu()
     tp = matrix.diag().double()
     precision, recall = tp / matrix.sum(0).clamp(min=1), tp / matrix.sum(1).clamp(min=1)
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
@@ -104,34 +118,45 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    parser.add_argument("--cudnn-benchmark", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
     arrays = np.load(args.data)
     images, targets = torch.from_numpy(arrays["images"]), arrays["labels"].astype("int64")
     num_classes = int(targets.max()) + 1
     split = stratified_split(targets, (0.7, 0.15, 0.15), seed=args.seed)
     labels = torch.from_numpy(targets)
-    parts = {name: (normalised(images[torch.as_tensor(idx)]), labels[torch.as_tensor(idx)])
+    parts = {name: (normalised(images[torch.as_tensor(idx)]).to(device), labels[torch.as_tensor(idx)].to(device))
              for name, idx in (("train", split.train), ("val", split.val), ("test", split.test))}
 
     torch.manual_seed(args.seed)
-    model = build_cnn(num_classes).to(memory_format=memory_format)
+    model = build_cnn(num_classes).to(memory_format=memory_format).to(device)
     torch.manual_seed(args.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(args.seed)
 
-    history = []
+    history, epoch_seconds = [], []
     for _ in range(args.epochs):
-        train_loss = train_epoch(model, *parts["train"], args.batch_size, generator, optimizer, loss_fn, memory_format)
-        val = evaluate(model, *parts["val"], args.batch_size, loss_fn, memory_format, num_classes)
+        epoch_started = time.perf_counter()
+        train_loss = train_epoch(model, *parts["train"], args.batch_size, generator, optimizer, loss_fn, memory_format, autocast, scaler)
+        val = evaluate(model, *parts["val"], args.batch_size, loss_fn, memory_format, num_classes, autocast)
         history.append({"train_loss": train_loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
-    test = evaluate(model, *parts["test"], args.batch_size, loss_fn, memory_format, num_classes)
-    print(json.dumps({"epochs": history, "test": test, "seconds_in_process": time.perf_counter() - started}))
+        epoch_seconds.append(time.perf_counter() - epoch_started)
+    test = evaluate(model, *parts["test"], args.batch_size, loss_fn, memory_format, num_classes, autocast)
+    print(json.dumps({"epochs": history, "test": test, "seconds_in_process": time.perf_counter() - started,
+                      "epoch_seconds": epoch_seconds}))
 
 
 if __name__ == "__main__":

@@ -333,14 +333,19 @@ def prepare(spec: Spec, registries: Registries, base_dir: str = ".", load_weight
     strategy = build_strategy(spec, registries)
     select_trainable(model, strategy.stage(1).trainable)  # a bad pattern fails now, not at epoch 1
 
-    pin = device.type == "cuda"
+    from runner import performance
+
+    speed = performance.resolve(spec, device, model)
+    if speed.channels_last:  # here, so training, resume, eval and predict all see the same memory format
+        model.to(memory_format=torch.channels_last)
+    pin = speed.pin_memory
     seed = spec.seed
     eval_batch = spec.data.eval_batch_size or spec.data.batch_size
     train_random = is_random(registries, spec.transforms.train)
 
     def loader(indices: Any, transform: Any, deterministic: bool, batch: int, shuffle: bool, offset: int) -> Any:
         subset = data_mod.Relabelled(dataset, indices, label_map, None)
-        return data_mod.make_loader(subset, transform, deterministic, batch, shuffle, seed + offset, spec.data.num_workers, pin)
+        return data_mod.make_loader(subset, transform, deterministic, batch, shuffle, seed + offset, spec.data.num_workers, pin, device)
 
     prepared = Prepared(
         spec=spec,
@@ -371,6 +376,7 @@ def prepare(spec: Spec, registries: Registries, base_dir: str = ".", load_weight
 
     reason = feature_cache.blocker(prepared)
     prepared.settings["feature_cache"] = "on" if reason is None else f"off: {reason}"
+    prepared.settings["performance"] = {**speed.as_dict(), "batches": performance.describe_batches(prepared.train_loader)}
     return prepared
 
 

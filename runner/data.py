@@ -157,6 +157,18 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
+def fits_on_accelerator(images: torch.Tensor, device: Any) -> bool:
+    """Whether a pre-transformed split can live on a CUDA device, using at most a quarter of its free memory.
+
+    Shuffled batches of pinned host memory are gathered into pageable memory, so their copies would
+    not overlap; on the device, a batch is one index operation.
+    """
+    if device is None or torch.device(device).type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return images.numel() * images.element_size() < free // 4
+
+
 def make_loader(
     subset: Relabelled,
     transform: Callable,
@@ -166,11 +178,14 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    device: Any = None,
 ) -> Any:
     generator = torch.Generator().manual_seed(seed)
     if isinstance(subset.base, InMemoryImages) and deterministic_transform:
         images, labels = pretransform(subset, transform)
-        if pin_memory:
+        if fits_on_accelerator(images, device):  # batches are then indexed on the device: no copy per batch
+            images, labels = images.to(device), labels.to(device)
+        elif pin_memory:
             images, labels = images.pin_memory(), labels.pin_memory()
         return TensorBatches(images, labels, batch_size, shuffle, generator)
     subset.transform = transform

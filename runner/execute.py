@@ -183,12 +183,14 @@ def train_run(
     process lives.
     """
     from runner.lifecycle import heartbeat, signals_deferred, stop_on_signals
+    from runner.performance import applied, of_run
     from runner.training import fit
 
     recorder = StoreRecorder(store, run_id, int(resume_from["epoch"]) if resume_from else 0)
     with stop_on_signals():
         try:
-            with heartbeat(lambda: store.heartbeat(run_id, heartbeat_s), heartbeat_s):
+            # threads and cudnn.benchmark are process-wide: set for training (settings["performance"]), then restored
+            with heartbeat(lambda: store.heartbeat(run_id, heartbeat_s), heartbeat_s), applied(of_run(prepared)):
                 result = fit(prepared, recorder, run_dir, _progress_factory(quiet), resume_from=resume_from)
                 with signals_deferred(raise_after=False):  # finished: a late signal changes nothing
                     test = {k: v for k, v in result.test.items() if k != "confusion"}

@@ -216,9 +216,30 @@ class CheckpointsSpec(_Strict):
     )
 
 
-# Keys that decide what is kept on disk, not what is trained: left out of the spec hash, so equal
-# experiments still share a hash (and `{experiment: …}` weights still find their run).
-_NOT_HASHED = ("checkpoints",)
+class PerformanceSpec(_Strict):
+    """How fast, not what: speed switches resolved per device (``auto``) and recorded in the run.
+
+    See :mod:`runner.performance` for what ``auto`` chooses and why.
+    """
+
+    threads: Optional[int] = Field(None, gt=0, description="torch.set_num_threads; null: torch's default")
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="mixed precision; auto: bf16 or fp16 on CUDA, off elsewhere")
+    cudnn_benchmark: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA unless deterministic")
+    pin_memory: Literal["auto", "on", "off"] = Field("auto", description="page-locked batches; auto: on for CUDA")
+    compile: bool = Field(False, description="torch.compile the trained module")
+
+    @field_validator("channels_last", "amp", "cudnn_benchmark", "pin_memory", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # true/false mean on/off (and a YAML 1.1 reader would have turned on/off into booleans)
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+# Keys that decide what is kept on disk or how fast it runs, not what is trained: left out of the
+# spec hash, so equal experiments still share a hash (and `{experiment: …}` weights still find
+# their run, and runs stored before a key existed still resume).
+_NOT_HASHED = ("checkpoints", "performance")
 
 
 class Spec(_Strict):
@@ -232,6 +253,7 @@ class Spec(_Strict):
     transforms: TransformsSpec = Field(default_factory=TransformsSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
+    performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
 
     @field_validator("device")
     @classmethod

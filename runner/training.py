@@ -15,6 +15,7 @@ from torch import nn
 from runner.build import Prepared, losses, optimizers, schedulers
 from runner.interfaces import Stage, Strategy, TrainingContext
 from runner.models import freeze, head_names, select_trainable, set_train_mode
+from runner.performance import DEFAULT as PLAIN, Performance, of_run
 from runner.spec import EarlyStoppingSpec, Spec
 
 
@@ -133,22 +134,34 @@ def train_one_epoch(
     grad_clip: float | None,
     on_batch: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     progress: Any = None,
+    speed: Performance = PLAIN,
+    scaler: Any = None,
 ) -> dict[str, float]:
+    """One pass over ``loader``; ``speed`` adds autocast and the memory format, ``scaler`` fp16 loss scaling."""
     # sums stay on the device: no host sync (.item()) inside the loop
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for images, labels in loader:
-        images = images.to(device, non_blocking=True)
+        images = speed.batch_to(images, device)
         labels = labels.to(device, non_blocking=True)
         images, targets = on_batch(images, labels)
         optimizer.zero_grad(set_to_none=True)
-        logits = _logits(model(images))
-        loss = loss_fn(logits, targets)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        with speed.autocast(device):
+            logits = _logits(model(images))
+            loss = loss_fn(logits, targets)
+        if scaler is None:
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
         n = labels.shape[0]
         loss_sum += loss.detach() * n
         correct += (logits.detach().argmax(1) == labels).sum()
@@ -160,7 +173,11 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: nn.Module, device: torch.device, num_classes: int) -> dict[str, Any]:
-    """Loss, accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted)."""
+    """Loss, accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted).
+
+    Mixed precision applies when called inside an autocast context; a channels_last model gets its
+    batches converted by the convolutions themselves, with the same numbers.
+    """
     model.eval()
     loss_sum = torch.zeros((), device=device)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
@@ -169,7 +186,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: nn.Module, device: tor
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         logits = _logits(model(images))
-        loss_sum += loss_fn(logits, labels) * labels.shape[0]
+        loss_sum += loss_fn(logits, labels).float() * labels.shape[0]
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
         seen += labels.shape[0]
     matrix = confusion.view(num_classes, num_classes).cpu()
@@ -331,6 +348,8 @@ def fit(
 
         cached = feature_cache.build(prepared, run_dir.parent / ".feature_cache")
         net, train_loader, val_loader, test_loader = cached.head, cached.train_loader, cached.val_loader, cached.test_loader
+    speed = of_run(prepared)  # AMP, memory format, torch.compile: resolved and recorded by prepare
+    net, scaler = speed.compiled(net), speed.new_grad_scaler(device)
     stopper = EarlyStopping.from_spec(spec.training.early_stopping)
     epochs = spec.training.epochs
     stage: Stage | None = None
@@ -358,9 +377,10 @@ def fit(
         progress = progress_factory(len(train_loader), f"epoch {epoch}/{epochs}") if progress_factory else None
         train = train_one_epoch(
             net, train_loader, optimizer, loss_fn, device, spec.training.grad_clip,
-            prepared.strategy.on_batch, progress,
+            prepared.strategy.on_batch, progress, speed=speed, scaler=scaler,
         )
-        val = evaluate(net, val_loader, loss_fn, device, len(prepared.class_names))
+        with speed.autocast(device):
+            val = evaluate(net, val_loader, loss_fn, device, len(prepared.class_names))
         metrics = {"train_loss": train["loss"], "train_accuracy": train["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         metrics.update(strategy_metrics(prepared.strategy, epoch, metrics))
         if progress is not None:
@@ -393,5 +413,6 @@ def fit(
     restore_best = spec.training.early_stopping is not None and spec.training.early_stopping.restore_best
     if restore_best and stopper.best_epoch is not None and stopper.best_epoch != len(history):
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
-    test = evaluate(net, test_loader, loss_fn, device, len(prepared.class_names))
+    with speed.autocast(device):
+        test = evaluate(net, test_loader, loss_fn, device, len(prepared.class_names))
     return FitResult(epochs_run=len(history), stop_reason=stop_reason, best_epoch=stopper.best_epoch, history=history, test=test)

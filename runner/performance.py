@@ -1,0 +1,189 @@
+"""Speed switches (the spec's ``performance`` section), resolved once per run and recorded in it.
+
+``auto`` picks, per device, what is fast where it keeps the numbers trustworthy:
+
+* ``channels_last``: on for models with 2-D convolutions on CPU and CUDA. On a 2-core CPU it made
+  an epoch of the quickstart CNN about 22% faster (``bench/channels_last.py``); on CUDA it is the
+  layout tensor cores want. (In one short measurement torchvision's resnet18 on CPU was about 10%
+  slower with it: measure, and set it off for such models.)
+* ``amp``: bf16 autocast on CUDA devices that support it, else fp16 with a gradient scaler. Off on
+  CPU, where bf16 changes the numbers and its speed depends on the processor (on the EPYC machine
+  this was developed on, ``amp: bf16`` made a quickstart epoch about 30% faster: opt in there).
+* ``cudnn_benchmark``: on for CUDA unless the spec asks for ``deterministic: true``.
+* ``pin_memory``: on for CUDA (page-locked host batches, copied with ``non_blocking=True``).
+* ``threads``: torch's own default (``OMP_NUM_THREADS`` or the machine's cores) unless set.
+* ``compile``: ``torch.compile`` the module the loop trains, only when asked (compiling costs time).
+
+The resolved values go into the run's settings (``settings["performance"]``) so a run says how it
+was trained; :func:`applied` sets the process-wide ones for the duration of training and restores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+from runner.errors import SpecError
+
+AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Performance:
+    """What a run actually used (no ``auto`` left)."""
+
+    threads: int
+    channels_last: bool
+    amp: str | None  # "bf16", "fp16" or None
+    grad_scaler: bool
+    cudnn_benchmark: bool
+    pin_memory: bool
+    compile: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Performance":
+        return cls(**{k: values[k] for k in cls.__dataclass_fields__})
+
+    def autocast(self, device: Any) -> Any:
+        """The autocast context for forward passes (a no-op context when AMP is off)."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(device_type=device.type, dtype=getattr(torch, AMP_DTYPES[self.amp]))
+
+    def new_grad_scaler(self, device: Any) -> Any:
+        """fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none."""
+        if not self.grad_scaler:
+            return None
+        import torch
+
+        return torch.amp.GradScaler(device.type)
+
+    def batch_to(self, images: Any, device: Any) -> Any:
+        """Move a batch to the device (asynchronously from pinned memory), in the model's memory format."""
+        if self.channels_last and images.ndim == 4:
+            import torch
+
+            return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return images.to(device, non_blocking=True)
+
+    def compiled(self, module: Any) -> Any:
+        """The module the loop calls: ``torch.compile(module)`` when asked (parameters are shared)."""
+        if not self.compile:
+            return module
+        import torch
+
+        return torch.compile(module)
+
+
+# No speed-ups and no process-wide changes: what a Prepared built without runner.build.prepare gets
+DEFAULT = Performance(threads=0, channels_last=False, amp=None, grad_scaler=False, cudnn_benchmark=False,
+                      pin_memory=False, compile=False)
+
+
+def _switch(value: str, auto: bool) -> bool:
+    return auto if value == "auto" else value == "on"
+
+
+def has_conv2d(model: Any) -> bool:
+    from torch import nn
+
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def amp_for(requested: str, device: Any) -> str | None:
+    if requested == "off":
+        return None
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve(spec: Any, device: Any, model: Any) -> Performance:
+    """The switches for this spec on this device and model; ``auto`` made concrete."""
+    import torch
+
+    wanted = spec.performance
+    cuda = device.type == "cuda"
+    if wanted.cudnn_benchmark == "on" and spec.deterministic:
+        raise SpecError("performance.cudnn_benchmark: on contradicts deterministic: true (cuDNN would pick "
+                        "algorithms by timing them); use auto or off")
+    if wanted.pin_memory == "on" and not cuda:
+        raise SpecError(f"performance.pin_memory: on needs a CUDA device, this run uses {device.type}; use auto")
+    amp = amp_for(wanted.amp, device)
+    return Performance(
+        threads=int(wanted.threads or torch.get_num_threads()),
+        channels_last=_switch(wanted.channels_last, device.type in ("cpu", "cuda") and has_conv2d(model)),
+        amp=amp,
+        grad_scaler=amp == "fp16",
+        cudnn_benchmark=_switch(wanted.cudnn_benchmark, cuda and not spec.deterministic),
+        pin_memory=_switch(wanted.pin_memory, cuda),
+        compile=bool(wanted.compile),
+    )
+
+
+def of_run(prepared: Any) -> Performance:
+    """The switches :func:`runner.build.prepare` resolved for this run (none for a hand-built one)."""
+    recorded = prepared.settings.get("performance")
+    return Performance.from_dict(recorded) if recorded else DEFAULT
+
+
+@contextlib.contextmanager
+def applied(performance: Performance) -> Iterator[Performance]:
+    """Set the thread count and ``cudnn.benchmark`` while training; put the previous values back after."""
+    import torch
+
+    threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    if performance.threads and performance.threads != threads:
+        torch.set_num_threads(performance.threads)
+    torch.backends.cudnn.benchmark = performance.cudnn_benchmark
+    try:
+        yield performance
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def describe_batches(loader: Any) -> str:
+    """How training batches are made, for the run's settings: in-memory tensor indexing or a DataLoader."""
+    workers = getattr(loader, "num_workers", None)
+    if workers is None:
+        images = loader.images
+        where = f"on {images.device.type}" if images.device.type != "cpu" else "pinned" if images.is_pinned() else "on cpu"
+        return f"in-memory tensors, {where}"
+    return f"DataLoader, {workers} workers" + (", persistent" if getattr(loader, "persistent_workers", False) else "")
+
+
+_exit_hook_registered = False
+
+
+def _collect_then_freeze() -> None:
+    import gc
+
+    gc.collect()  # unreachable objects are finalized as usual: SQLite connections close, workers stop
+    gc.freeze()  # what is left is torch's module state: teardown frees it without full GC passes
+
+
+def exit_quickly() -> None:
+    """Leave a process that imported torch about a second sooner.
+
+    At interpreter exit, Python's garbage collector traverses every object several times, and after
+    torch and torchvision are imported there are about a million (measured after a quickstart run:
+    1.2 to 1.4 s from the end of the command to the end of the process, about 0.4 s with this hook).
+    Called by the CLI commands that load the plugins.
+    """
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        import atexit
+
+        atexit.register(_collect_then_freeze)
+        _exit_hook_registered = True

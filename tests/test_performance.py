@@ -1,0 +1,266 @@
+"""The speed switches (spec ``performance``): each takes effect, is recorded in the run, and is undone after.
+
+No timings are asserted here; bench/parity.py, bench/startup.py and bench/overhead.py measure speed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import runpy
+import sqlite3
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, TINY_SPEC
+
+QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
+# three channels: with one, a batch's (and a 3x3 kernel's) two memory layouts are the same strides
+RGB = "transforms.train=[{name: ToImage}, {name: GrayscaleToRgb}, {name: ToDtype, dtype: float32, scale: true}]"
+PLAIN_LOOP = ROOT / "bench" / "plain_loop.py"
+
+
+def _spy_on_training(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """What the first convolution sees in each training step of the next run (summary passes left out)."""
+    from runner import build
+
+    seen: list[dict] = []
+    real_prepare = build.prepare
+
+    def prepare(*args, **kwargs):
+        prepared = real_prepare(*args, **kwargs)
+        conv = next(m for m in prepared.model.modules() if isinstance(m, nn.Conv2d))
+
+        def record(module, inputs, output):
+            if module.training and torch.is_grad_enabled() and inputs[0].shape[0] > 1:
+                seen.append({
+                    "channels_last_input": inputs[0].is_contiguous(memory_format=torch.channels_last)
+                    and not inputs[0].is_contiguous(),
+                    "output_dtype": output.dtype,
+                    "autocast": torch.is_autocast_enabled("cpu"),
+                    "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                    "threads": torch.get_num_threads(),
+                })
+
+        conv.register_forward_hook(record)
+        return prepared
+
+    monkeypatch.setattr(build, "prepare", prepare)
+    return seen
+
+
+def _run(tmp_path: Path, overrides: list[str], spec: Path = TINY_SPEC) -> dict:
+    from runner.execute import run_experiment
+    from runner.reports import run_details
+    from runner.store import Store
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    store = Store(tmp_path / "results.db")
+    outcome = run_experiment(spec, ["training.epochs=1", *overrides], store=store)
+    return run_details(store, outcome.run_id)
+
+
+# ---- the spec section ---------------------------------------------------------------------------
+
+
+def test_performance_section_reads_on_off_and_stays_out_of_the_spec_hash() -> None:
+    from runner.spec import load_spec, parse_yaml
+
+    default = load_spec(TINY_SPEC)
+    assert default.performance.model_dump() == {
+        "threads": None, "channels_last": "auto", "amp": "auto", "cudnn_benchmark": "auto", "pin_memory": "auto", "compile": False,
+    }
+    raw = parse_yaml((TINY_SPEC.read_text() + "performance: {channels_last: off, amp: bf16, cudnn_benchmark: on, threads: 1}\n"))
+    tuned = load_spec(raw)
+    assert (tuned.performance.channels_last, tuned.performance.amp, tuned.performance.cudnn_benchmark) == ("off", "bf16", "on")
+    assert load_spec(TINY_SPEC, ["performance.channels_last=true"]).performance.channels_last == "on"
+    # how fast a run goes is not what it trains: equal experiments keep equal hashes (resume and upstream lookups rely on it)
+    assert tuned.spec_hash() == default.spec_hash()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("performance.amp=fp8", "performance.amp"),
+    ("performance.threads=0", "performance.threads"),
+    ("performance.channel_last=on", "did you mean 'performance.channels_last'"),
+])
+def test_bad_performance_values_are_one_line_errors(run_cli, tiny_spec, db, override, message) -> None:
+    result = run_cli("run", tiny_spec, "--db", db, "--set", override)
+    assert result.exit_code == 2 and message in result.err and "Traceback" not in result.err
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["performance.pin_memory=on"], "performance.pin_memory: on needs a CUDA device"),
+    (["deterministic=true", "performance.cudnn_benchmark=on"], "contradicts deterministic: true"),
+])
+def test_contradictory_switches_stop_before_a_run_exists(run_cli, tiny_spec, db, overrides, message) -> None:
+    args = [a for o in overrides for a in ("--set", o)]
+    result = run_cli("run", tiny_spec, "--db", db, *args)
+    assert result.exit_code == 2 and message in result.err and "Traceback" not in result.err
+    if db.exists():  # the store may have been opened, but no run was created
+        assert run_cli("runs", "--db", db, "--format", "json").json() == []
+
+
+# ---- resolution -------------------------------------------------------------------------------
+
+
+def test_auto_on_cpu_is_channels_last_for_conv_models_and_full_precision() -> None:
+    from runner.performance import resolve
+    from runner.spec import load_spec
+
+    spec = load_spec(TINY_SPEC)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
+    chosen = resolve(spec, torch.device("cpu"), conv)
+    assert chosen.channels_last and chosen.amp is None and not chosen.grad_scaler
+    assert not chosen.cudnn_benchmark and not chosen.pin_memory and not chosen.compile
+    assert chosen.threads == torch.get_num_threads()
+    assert not resolve(spec, torch.device("cpu"), nn.Sequential(nn.Flatten(), nn.Linear(4, 2))).channels_last
+    fp16 = resolve(load_spec(TINY_SPEC, ["performance.amp=fp16"]), torch.device("cpu"), conv)
+    assert fp16.amp == "fp16" and fp16.grad_scaler  # fp16 needs loss scaling; bf16 does not
+    assert not resolve(load_spec(TINY_SPEC, ["performance.amp=bf16"]), torch.device("cpu"), conv).grad_scaler
+
+
+def test_the_trained_run_records_its_switches(run_cli, trained_tiny_run) -> None:
+    shown = run_cli("show", trained_tiny_run.run_id, "--db", trained_tiny_run.db, "--format", "json").json()
+    performance = shown["settings"]["performance"]
+    assert performance == {
+        "threads": performance["threads"], "channels_last": True, "amp": None, "grad_scaler": False,
+        "cudnn_benchmark": False, "pin_memory": False, "compile": False, "batches": "in-memory tensors, on cpu",
+    }
+    assert isinstance(performance["threads"], int) and performance["threads"] >= 1
+
+
+# ---- the switches take effect in training --------------------------------------------------------
+
+
+def test_forced_switches_take_effect_during_training_and_are_undone_after(tmp_path, monkeypatch) -> None:
+    seen = _spy_on_training(monkeypatch)
+    threads_before, benchmark_before = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    details = _run(tmp_path, [RGB, "performance.channels_last=on", "performance.amp=bf16",
+                              "performance.cudnn_benchmark=on", "performance.threads=1"])
+    assert details["status"] == "completed"
+    assert seen and all(s == {"channels_last_input": True, "output_dtype": torch.bfloat16, "autocast": True,
+                              "cudnn_benchmark": True, "threads": 1} for s in seen)
+    recorded = details["settings"]["performance"]
+    assert (recorded["channels_last"], recorded["amp"], recorded["cudnn_benchmark"], recorded["threads"]) == (True, "bf16", True, 1)
+    assert (torch.get_num_threads(), torch.backends.cudnn.benchmark) == (threads_before, benchmark_before)
+    assert all(isinstance(v, float) and v == v for e in details["epochs"] for k, v in e.items() if k != "epoch")
+
+
+def test_switched_off_training_is_plain_float32_contiguous(tmp_path, monkeypatch) -> None:
+    seen = _spy_on_training(monkeypatch)
+    details = _run(tmp_path, [RGB, "performance.channels_last=off", "performance.amp=off",
+                              "performance.cudnn_benchmark=off"])
+    assert seen and all(not s["channels_last_input"] and s["output_dtype"] == torch.float32 and not s["autocast"]
+                        and not s["cudnn_benchmark"] for s in seen)
+    assert details["settings"]["performance"]["channels_last"] is False
+
+
+def test_channels_last_switch_sets_the_memory_format_of_the_parameters() -> None:
+    from runner.build import prepare
+    from runner.plugins import load_registries
+    from runner.spec import load_spec
+
+    for switch, expected in (("on", True), ("off", False)):
+        prepared = prepare(load_spec(TINY_SPEC, [RGB, f"performance.channels_last={switch}"]), load_registries())
+        weight = next(m for m in prepared.model.modules() if isinstance(m, nn.Conv2d)).weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) is expected
+        assert weight.is_contiguous() is not expected
+        assert prepared.settings["performance"]["channels_last"] is expected
+
+
+def test_fp16_training_scales_the_loss_and_still_learns() -> None:
+    from runner.data import TensorBatches
+    from runner.performance import Performance
+    from runner.training import evaluate, train_one_epoch
+
+    torch.manual_seed(0)
+    images = torch.randn(96, 1, 8, 8)
+    labels = (images.mean((1, 2, 3)) > 0).long()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    speed = Performance(threads=0, channels_last=False, amp="fp16", grad_scaler=True, cudnn_benchmark=False,
+                        pin_memory=False, compile=False)
+    scaler = speed.new_grad_scaler(torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = TensorBatches(images, labels, 32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    result = train_one_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), torch.device("cpu"), 1.0,
+                             lambda x, y: (x, y), speed=speed, scaler=scaler)
+    assert scaler.get_scale() > 0 and scaler._scale is not None  # the scaler did scale this epoch's losses
+    assert result["loss"] == result["loss"] and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with speed.autocast(torch.device("cpu")):
+        metrics = evaluate(model, loader, nn.CrossEntropyLoss(), torch.device("cpu"), 2)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] == metrics["loss"]
+
+
+def test_compile_trains_through_torch_compile_with_the_same_numbers(tmp_path, monkeypatch) -> None:
+    # the eager backend traces with dynamo but runs the same kernels: numbers equal, and no C++ build in tests
+    compiled: list[nn.Module] = []
+    real_compile = torch.compile
+
+    def compile_eagerly(module, **kwargs):
+        compiled.append(module)
+        return real_compile(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    with_compile = _run(tmp_path / "a", ["performance.compile=true"])
+    without = _run(tmp_path / "b", [])
+    torch._dynamo.reset()  # compiled frames are process-wide; later tests start clean
+    assert len(compiled) == 1 and with_compile["settings"]["performance"]["compile"] is True
+    assert with_compile["epochs"] == without["epochs"] and with_compile["test"] == without["test"]
+
+
+def test_in_memory_batches_stay_on_the_cpu_without_an_accelerator() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from runner.data import TensorBatches, fits_on_accelerator
+    from runner.performance import describe_batches
+
+    images = torch.zeros(10, 1, 4, 4)
+    assert not fits_on_accelerator(images, None) and not fits_on_accelerator(images, torch.device("cpu"))
+    assert describe_batches(TensorBatches(images, torch.zeros(10), 4, False, None)) == "in-memory tensors, on cpu"
+    dataset = TensorDataset(images, torch.zeros(10))
+    assert describe_batches(DataLoader(dataset, batch_size=4)) == "DataLoader, 0 workers"
+    assert describe_batches(DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True)) == "DataLoader, 2 workers, persistent"
+
+
+# ---- parity with a hand-written loop ------------------------------------------------------------
+
+
+def test_the_plain_loop_of_the_parity_bench_reproduces_the_runner_exactly(tmp_path, monkeypatch) -> None:
+    """bench/parity.py compares wall times of equal work: the same losses prove the work is equal."""
+    details = _run(tmp_path, ["performance.threads=1"], spec=QUICKSTART)  # one thread: fast on a busy machine too
+    monkeypatch.setattr(sys, "argv", ["plain_loop.py", "--epochs", "1", "--threads", "1", "--channels-last",
+                                      "--data", str(ROOT / "runner" / "data" / "mnist_5k.npz")])
+    out = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with redirect_stdout(out):
+            runpy.run_path(str(PLAIN_LOOP), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    plain = json.loads(out.getvalue())
+    [epoch] = details["epochs"]
+    assert plain["epochs"] == [{k: epoch[k] for k in ("train_loss", "val_loss", "val_accuracy")}]
+    assert plain["test"] == {k: details["test"][k] for k in ("loss", "accuracy", "f1_macro")}
+
+
+# ---- leaving the process quickly ------------------------------------------------------------------
+
+
+def test_a_cli_run_leaves_a_whole_store_behind(tmp_path) -> None:
+    """The exit hook skips garbage collection only after the store's connection is closed: no -wal left."""
+    db = tmp_path / "results.db"
+    result = subprocess.run([sys.executable, "-m", "runner", "run", "-q", str(TINY_SPEC), "--db", str(db), "--set", "training.epochs=1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not Path(f"{db}-wal").exists()
+    with sqlite3.connect(db) as conn:
+        [(status,)] = conn.execute("SELECT status FROM runs").fetchall()
+    assert status == "completed"
