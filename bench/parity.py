@@ -61,6 +61,9 @@ def plain_command(spec: Any, performance: dict[str, Any], device: str, args: arg
     command = [
         sys.executable, str(PLAIN_LOOP), "--data", str(DATA), "--epochs", str(args.epochs),
         "--batch-size", str(spec.data.batch_size), "--lr", str(spec.training.optimizer.options["lr"]),
+        "--weight-decay", str(spec.training.optimizer.options["weight_decay"]),
+        "--max-lr", str(spec.training.scheduler.options["max_lr"]),
+        "--total-steps", str(spec.training.scheduler.options["total_steps"]),
         "--seed", str(spec.seed), "--threads", str(performance["threads"]), "--device", device,
         "--amp", performance["amp"] or "off",
     ]

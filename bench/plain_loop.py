@@ -42,8 +42,14 @@ def build_cnn(num_classes: int) -> nn.Sequential:
         nn.Conv2d(1, 32, kernel_size=3, padding=1),
         nn.BatchNorm2d(32),
         nn.ReLU(),
+        nn.Conv2d(32, 32, kernel_size=3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=2),
         nn.Conv2d(32, 64, kernel_size=3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, kernel_size=3, padding=1),
         nn.BatchNorm2d(64),
         nn.ReLU(),
         nn.MaxPool2d(kernel_size=2),
@@ -113,8 +119,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="runner/data/mnist_5k.npz")
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--max-lr", type=float, default=3e-3, help="OneCycleLR's peak, stepped once per epoch")
+    parser.add_argument("--total-steps", type=int, default=8, help="OneCycleLR's length in epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--channels-last", action="store_true")
@@ -143,7 +152,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = build_cnn(num_classes).to(memory_format=memory_format).to(device)
     torch.manual_seed(args.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.max_lr, total_steps=args.total_steps)
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -152,6 +162,7 @@ def main() -> None:
         epoch_started = time.perf_counter()
         train_loss = train_epoch(model, *parts["train"], args.batch_size, generator, optimizer, loss_fn, memory_format, autocast, scaler)
         val = evaluate(model, *parts["val"], args.batch_size, loss_fn, memory_format, num_classes, autocast)
+        scheduler.step()
         history.append({"train_loss": train_loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
         epoch_seconds.append(time.perf_counter() - epoch_started)
     test = evaluate(model, *parts["test"], args.batch_size, loss_fn, memory_format, num_classes, autocast)
