@@ -130,6 +130,7 @@ def cache_key(prepared: Any) -> str:
         "rgb_expanded": prepared.settings.get("rgb_expanded"),
         "data": spec.data.model_dump(exclude={"batch_size", "eval_batch_size", "num_workers"}),
         "seed": spec.seed, "device": prepared.device.type,
+        "performance": prepared.settings.get("performance"),  # memory format and precision change the numbers
     }
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
