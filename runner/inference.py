@@ -205,7 +205,10 @@ def evaluate_run(
     loaders = {"test": lambda: prepared.test_loader, "val": lambda: prepared.val_loader,
                "all": lambda: whole_data_loader(spec, prepared, settings.get("spec_dir", "."))}
     loader = loaders[split]()
-    result = evaluate(prepared.model, loader, build_loss(spec, prepared.device), prepared.device, len(prepared.class_names))
+    from runner.performance import of_run
+
+    with of_run(prepared).autocast(prepared.device):  # the precision the run was evaluated in (AMP on CUDA)
+        result = evaluate(prepared.model, loader, build_loss(spec, prepared.device), prepared.device, len(prepared.class_names))
     evaluation = {
         "split": split,
         "loss": result["loss"],
