@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -63,6 +64,20 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "results.db"
 
 
+@contextmanager
+def torch_home_at(directory: Path) -> Iterator[None]:
+    """TORCH_HOME pointed at ``directory`` for session-scoped fixtures (monkeypatch is per test)."""
+    previous = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(directory / "torch_home")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_HOME", None)
+        else:
+            os.environ["TORCH_HOME"] = previous
+
+
 @dataclass
 class TrainedRun:
     db: Path
@@ -76,14 +91,6 @@ def trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     from runner.store import Store
 
     directory = tmp_path_factory.mktemp("trained")
-    previous = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(directory / "torch_home")
-    try:
-        store = Store(directory / "results.db")
-        outcome = run_experiment(TINY_SPEC, store=store)
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_HOME", None)
-        else:
-            os.environ["TORCH_HOME"] = previous
+    with torch_home_at(directory):
+        outcome = run_experiment(TINY_SPEC, store=Store(directory / "results.db"))
     return TrainedRun(directory / "results.db", outcome.run_id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import re
 import shutil
 import statistics
@@ -17,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_SPEC
+from tests.conftest import TINY_SPEC, torch_home_at
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONTRACT_KEYS = {"id", "name", "status", "seed", "model", "strategy", "epochs_run", "best_val_accuracy", "test_accuracy", "duration_s"}
@@ -38,17 +37,10 @@ def seed_store(tmp_path_factory: pytest.TempPathFactory) -> SeedStore:
     from runner.store import Store
 
     directory = tmp_path_factory.mktemp("seeds")
-    previous = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(directory / "torch_home")
-    try:
+    with torch_home_at(directory):
         store = Store(directory / "results.db")
         seed_ids = [run_experiment(TINY_SPEC, [f"seed={seed}"], store=store).run_id for seed in (0, 1, 2)]
         short_id = run_experiment(TINY_SPEC, [f"name={SHORT_NAME}", "training.epochs=1"], store=store).run_id
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_HOME", None)
-        else:
-            os.environ["TORCH_HOME"] = previous
     return SeedStore(directory / "results.db", seed_ids, short_id)
 
 
