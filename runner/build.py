@@ -450,7 +450,7 @@ def build_model(
         raise SpecError(f"model.options: {spec.model.name}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"model.name: {spec.model.name} did not build a torch.nn.Module")
-    heads = [n for n in head_names(model)]
+    heads = head_names(model)
     apply_surgery(model, spec.model.surgery, int(spec.model.num_classes or 0))
     replaced = sorted(set(heads) | set(spec.model.surgery))
     origin: WeightsOrigin | None = None

@@ -7,6 +7,7 @@ head is the top-level child holding it (VGG ``classifier``, ResNet ``fc``, ViT `
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from typing import Any, Iterable
 
@@ -84,8 +85,6 @@ def apply_surgery(model: nn.Module, surgery: dict[str, Any], num_classes: int) -
             old = model.get_submodule(path)
         except AttributeError:
             names = [n for n, _ in model.named_modules() if n]
-            import difflib
-
             matches = difflib.get_close_matches(path, names, n=1)
             hint = f"; did you mean {matches[0]!r}?" if matches else ""
             raise SpecError(f"model.surgery: the model has no submodule {path!r}{hint}") from None

@@ -95,9 +95,7 @@ class Registry(Generic[T]):
         return self.entry(name).obj
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._entries or (
-            isinstance(name, str) and self._family_for(name) is not None
-        )
+        return isinstance(name, str) and (name in self._entries or self._family_for(name) is not None)
 
     def __len__(self) -> int:
         return len(self._entries)
