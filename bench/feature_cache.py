@@ -15,10 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from runner.build import prepare, seed_everything
-from runner.plugins import load_registries
+from runner.execute import setup
+from runner.plan import plan
+from runner.registries import load_registries
 from runner.spec import load_spec
-from runner.training import apply_stage, fit
+from runner.training import fit
 
 
 class _Quiet:
@@ -46,14 +47,11 @@ def spec(epochs: int, size: int, cache: str) -> dict:
 
 def timed_fit(epochs: int, size: int, cache: str, workdir: Path) -> tuple[float, object, str]:
     registries = load_registries()
-    loaded = load_spec(spec(epochs, size, cache))
-    seed_everything(0, False)
-    prepared = prepare(loaded, registries)
-    apply_stage(prepared.model, prepared.strategy.stage(1))
-    seed_everything(0, False)
+    run_plan = plan(load_spec(spec(epochs, size, cache)), registries)
+    parts = setup(run_plan, registries)  # seeded, stage 1 applied: as a run starts
     started = time.perf_counter()
-    result = fit(prepared, _Quiet(), workdir / cache / "run")
-    return time.perf_counter() - started, result, prepared.settings["feature_cache"]
+    result = fit(run_plan, parts, _Quiet(), workdir / cache / "run")
+    return time.perf_counter() - started, result, run_plan.feature_cache.describe()
 
 
 def main() -> None:

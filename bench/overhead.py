@@ -47,7 +47,7 @@ def timed(label: str, function: Callable[..., Any], outermost_store: bool = Fals
 
 
 def instrument() -> None:
-    from runner import build, execute, plugins, training
+    from runner import execute, registries, training
     from runner.store import Store
 
     for name, method in list(vars(Store).items()):
@@ -55,13 +55,14 @@ def instrument() -> None:
             setattr(Store, name, timed("store (all Store methods)", method, outermost_store=True))
     # opening (engine, connection, schema check or creation) apart from the run's reads and writes
     Store.__init__ = timed("store (all Store methods)", timed("  of which opening the store", Store.__init__), outermost_store=True)
-    training.save_atomically = timed("checkpoint files (torch.save)", training.save_atomically)
+    training.save_tensors = timed("checkpoint files (torch.save)", training.save_tensors)
     execute.StoreRecorder.checkpoint_saved = timed("checkpoint rows + sha256", execute.StoreRecorder.checkpoint_saved)
-    build.sha256_file = timed("sha256 of checkpoints", build.sha256_file)
+    execute.sha256_file = timed("sha256 of checkpoints", execute.sha256_file)
     execute.model_summary = timed("model summary (torchinfo)", execute.model_summary)
     execute.git_commit = timed("git commit lookup", execute.git_commit)
-    plugins.load_registries = timed("plugin registries", plugins.load_registries)
-    build.prepare = timed("prepare (data, model, loaders)", build.prepare)
+    registries.load_registries = timed("plugin registries", registries.load_registries)
+    execute.plan = timed("plan (data, model on meta, checks)", execute.plan)
+    execute.build = timed("build (model, weights, loaders)", execute.build)
     training.train_one_epoch = timed("train epochs", training.train_one_epoch)
     training.evaluate = timed("evaluation (val + test)", training.evaluate)
 
@@ -74,7 +75,7 @@ def main() -> None:
     started = time.perf_counter()
     import torch  # noqa: F401 - counted as start-up, apart from the run
 
-    from runner import execute
+    from runner import execute, registries
     from runner.store import Store
 
     imports_s = time.perf_counter() - started
@@ -85,7 +86,7 @@ def main() -> None:
         os.chdir(tmp)
         run_started = time.perf_counter()
         store = Store(Path(tmp) / "results.db")
-        execute.run_experiment(SPEC, overrides, store=store)
+        execute.run_experiment(SPEC, overrides, store=store, registries=registries.load_registries())
         total = time.perf_counter() - run_started
     print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}; imports before the run: {imports_s:.2f} s")
     print(f"run_experiment (with opening the store): {total:.2f} s")

@@ -16,7 +16,9 @@ The Python API works on the same results store and runs as the command line::
 
 Every function takes ``db`` (a path or URL; default ``RUNNER_DB`` or ``results.db``, as for the
 CLI) and raises :class:`RunnerError` subclasses for bad input. Importing ``runner`` stays light:
-torch, pandas and the store load inside the functions that need them.
+torch, pandas and the store load inside the functions that need them. Functions that build models
+take ``registries`` (from :func:`runner.registries.load_registries`) to reuse loaded plugins; without
+it they load them once per call and report plugins that failed to load as warnings.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ if TYPE_CHECKING:
 
     from runner.errors import RunnerError
     from runner.inference import RunModel
+    from runner.registries import Registries
     from runner.spec import Spec
     from runner.store import Store
 
-__version__ = "0.1.0"
+from runner.version import __version__
 
 __all__ = [
     "__version__",
@@ -96,6 +99,22 @@ def _store(db: str | Path | None, create: bool = False) -> Store:
     return Store(db, create=create)
 
 
+def _registries(given: Registries | None) -> Registries:
+    """The caller's registries, or the plugins loaded now (a plugin that failed to load is a warning)."""
+    import warnings
+
+    from runner import exit_hook
+    from runner.registries import load_registries
+
+    exit_hook.install()  # torch is about to load: skip ~1 s of garbage collection at exit (RUNNER_FAST_EXIT=0: off)
+    if given is not None:
+        return given
+    registries = load_registries()
+    for problem in registries.problems:
+        warnings.warn(str(problem), RuntimeWarning, stacklevel=3)
+    return registries
+
+
 def run(
     spec: str | Path | Mapping[str, Any] | Spec,
     overrides: Sequence[str] = (),
@@ -104,6 +123,7 @@ def run(
     artifacts: str | Path | None = None,
     device: str | None = None,
     quiet: bool = True,
+    registries: Registries | None = None,
 ) -> Run:
     """Train an experiment and return its stored run.
 
@@ -118,7 +138,7 @@ def run(
 
     store = Store(db, artifacts=artifacts, create=True)
     source = dict(spec) if isinstance(spec, Mapping) else spec
-    outcome = run_experiment(source, list(overrides), store=store, device=device, quiet=quiet)
+    outcome = run_experiment(source, list(overrides), store=store, registries=_registries(registries), device=device, quiet=quiet)
     return get_run(outcome.run_id, db=store.url)
 
 
@@ -130,7 +150,8 @@ def get_run(run_id: str, *, db: str | Path | None = None) -> Run:
     return Run.from_details(run_details(store, run_id), store.url)
 
 
-def load_model(run_id: str, *, db: str | Path | None = None, checkpoint: str = "best", device: str | None = None) -> RunModel:
+def load_model(run_id: str, *, db: str | Path | None = None, checkpoint: str = "best", device: str | None = None,
+               registries: Registries | None = None) -> RunModel:
     """A run's trained model (eval mode), class names and evaluation preprocessing.
 
     :param checkpoint: ``best`` (default) or ``last``.
@@ -139,7 +160,7 @@ def load_model(run_id: str, *, db: str | Path | None = None, checkpoint: str = "
     """
     from runner.inference import load_run_model
 
-    return load_run_model(_store(db), run_id, checkpoint=checkpoint, device=device)
+    return load_run_model(_store(db), run_id, _registries(registries), checkpoint=checkpoint, device=device)
 
 
 def evaluate(
@@ -150,12 +171,13 @@ def evaluate(
     overrides: Sequence[str] = (),
     checkpoint: str = "best",
     device: str | None = None,
+    registries: Registries | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's checkpoint on its own ``test`` (or ``val``) split, or on other data given as
     ``data.*`` overrides; the result is stored with the run. Keys: split, loss, accuracy, f1_macro, …"""
     from runner.inference import evaluate_run
 
-    return evaluate_run(_store(db), run_id, split=split, overrides=overrides, checkpoint=checkpoint, device=device)
+    return evaluate_run(_store(db), run_id, _registries(registries), split=split, overrides=overrides, checkpoint=checkpoint, device=device)
 
 
 def predict(
@@ -166,6 +188,7 @@ def predict(
     top_k: int = 5,
     checkpoint: str = "best",
     device: str | None = None,
+    registries: Registries | None = None,
 ) -> list[dict[str, Any]]:
     """Classify image files (directories are searched recursively), preprocessed as at evaluation.
 
@@ -173,7 +196,8 @@ def predict(
     """
     from runner.inference import load_run_model, predict_images
 
-    return predict_images(load_run_model(_store(db), run_id, checkpoint=checkpoint, device=device), images, top_k=top_k)
+    run_model = load_run_model(_store(db), run_id, _registries(registries), checkpoint=checkpoint, device=device)
+    return predict_images(run_model, images, top_k=top_k)
 
 
 def runs(*, db: str | Path | None = None, status: str | None = None, name: str | None = None, tags: Sequence[str] = ()) -> pd.DataFrame:

@@ -10,8 +10,11 @@ from typing import Any, Callable
 
 import click
 
-from runner import __version__
 from runner.errors import RunnerError
+from runner.version import __version__
+
+# Commands that import torch (through the plugins); the others answer without it.
+LOADS_TORCH = frozenset({"run", "resume", "validate", "summary", "eval", "predict", "export", "reproduce", "plugins", "models"})
 
 db_option = click.option("--db", envvar="RUNNER_DB", default=None, metavar="URL|PATH", help="Results store (default: results.db; env RUNNER_DB).")
 
@@ -27,14 +30,12 @@ def _echo_json(value: Any) -> None:
 
 
 def _load_registries() -> Any:
-    """The plugin registries; every plugin that failed to load is one warning line on stderr.
+    """The plugin registries, loaded once per command; every plugin that failed to load is one warning line on stderr.
 
     A broken plugin only warns: a spec that does not use its names still runs.
     """
-    from runner.performance import exit_quickly
-    from runner.plugins import load_registries
+    from runner.registries import load_registries
 
-    exit_quickly()  # the plugins import torch; skip ~1 s of garbage collection when the process exits
     registries = load_registries()
     for problem in registries.problems:
         click.echo(f"warning: {problem}", err=True)
@@ -63,6 +64,10 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Run image-classification experiments from YAML specs and compare their results."""
     ctx.obj = {"debug": debug}
+    if ctx.invoked_subcommand in LOADS_TORCH:
+        from runner import exit_hook
+
+        exit_hook.install()  # these commands import torch: skip ~1 s of garbage collection at exit
 
 
 @cli.command()
@@ -79,7 +84,7 @@ def run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str |
 
     load_spec(spec, list(overrides))  # a bad spec must fail before the store is touched
     registries = _load_registries()
-    outcome = run_experiment(spec, overrides, store=_store(db, artifacts), device=device, quiet=quiet, registries=registries)
+    outcome = run_experiment(spec, overrides, store=_store(db, artifacts), registries=registries, device=device, quiet=quiet)
     if not quiet:
         acc = outcome.test.get("accuracy")
         click.echo(f"run {outcome.run_id} completed: test accuracy {acc:.4f}", err=True)
@@ -94,7 +99,7 @@ def resume(run_id: str, db: str | None, quiet: bool) -> None:
     """Continue an interrupted, failed or lost run from its last checkpoint, into the same run id."""
     from runner.resume import resume_run
 
-    outcome = resume_run(run_id, _store(db, create=False), quiet=quiet, registries=_load_registries())
+    outcome = resume_run(run_id, _store(db, create=False), _load_registries(), quiet=quiet)
     if not quiet:
         click.echo(f"run {outcome.run_id} completed: test accuracy {outcome.test.get('accuracy'):.4f}", err=True)
     click.echo(outcome.run_id)
@@ -104,11 +109,12 @@ def resume(run_id: str, db: str | None, quiet: bool) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def validate(spec: Path, overrides: tuple[str, ...]) -> None:
-    """Check SPEC (keys, types, names, arguments) without running it."""
-    from runner.build import resolve_spec
+    """Check the whole of SPEC (keys, names, arguments, data, model, stages) without running it or reading weights."""
+    from runner.plan import plan
     from runner.spec import load_spec
 
-    resolved = resolve_spec(load_spec(spec, list(overrides)), _load_registries())
+    checked = plan(load_spec(spec, list(overrides)), _load_registries(), base_dir=str(spec.parent), read_weights=False)
+    resolved = checked.spec
     click.echo(f"{spec}: ok ({resolved.model.name}, {resolved.training.strategy.name}, {resolved.training.epochs} epochs)")
 
 
@@ -188,11 +194,17 @@ def report(db: str | None, status: str | None, name: str | None, since: str | No
     request = reports.make_request(status=status, name=name, since=since, where=where, columns=columns, sort=sort, group_by=group_by,
                                    tags=tags)
     store = _store(db, create=False)
-    data = reports.render(reports.build_report(store, request), fmt, store=store, max_plots=max_plots)
+    built = reports.build_report(store, request)
+    if fmt == "html":
+        from runner.html_report import render_html
+
+        data: str | bytes = render_html(built, store, max_plots=max_plots)
+    else:
+        data = reports.render(built, fmt)
     if output is None:
         click.echo(data)
     else:
-        reports.write_atomically(output, data)
+        reports.write_output(output, data)
         click.echo(f"wrote {output}", err=True)
 
 
@@ -234,7 +246,7 @@ def plot(run_ids: tuple[str, ...], db: str | None, output: Path) -> None:
 @click.option("--plugin", "plugin_name", default=None, metavar="NAME", help="Only names from this plugin (plugin or distribution name).")
 def plugins(fmt: str, kind: str | None, plugin_name: str | None) -> None:
     """Every registered name: kind, providing plugin, distribution, version; collisions flagged."""
-    from runner.plugins import name_rows, plugin_rows
+    from runner.registries import name_rows, plugin_rows
 
     registries = _load_registries()
     rows = [r for r in name_rows(registries) if (kind is None or r["kind"] == kind)
@@ -265,18 +277,19 @@ def models(pattern: str | None) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def summary(spec: Path, overrides: tuple[str, ...]) -> None:
     """torchinfo summary of SPEC's model after surgery and freezing (no weights are loaded)."""
-    from runner.build import prepare
+    from runner.build import build_run_model
     from runner.execute import model_summary
-    from runner.models import count_parameters
+    from runner.plan import build_strategy, plan
     from runner.spec import load_spec
     from runner.training import apply_stage
 
-    prepared = prepare(load_spec(spec, list(overrides)), _load_registries(), base_dir=str(spec.parent), load_weights=False)
-    apply_stage(prepared.model, prepared.strategy.stage(1))
-    total, trainable = count_parameters(prepared.model)
-    click.echo(model_summary(prepared.model, prepared.input_shape, "cpu"))
-    click.echo(f"total parameters: {total:,}")
-    click.echo(f"trainable parameters: {trainable:,}")
+    registries = _load_registries()
+    run_plan = plan(load_spec(spec, list(overrides)), registries, base_dir=str(spec.parent), read_weights=False)
+    model = build_run_model(run_plan, registries, load_weights=False)
+    apply_stage(model, build_strategy(run_plan.spec, registries).stage(1))
+    click.echo(model_summary(model, run_plan.data.input_shape, "cpu"))
+    click.echo(f"total parameters: {run_plan.model.params_total:,}")
+    click.echo(f"trainable parameters: {run_plan.model.params_trainable:,}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,7 +318,8 @@ def eval_command(run_id: str, overrides: tuple[str, ...], split: str, checkpoint
     """
     from runner.inference import evaluate_run
 
-    result = evaluate_run(_store(db, create=False), run_id, split=split, overrides=overrides, checkpoint=checkpoint, device=device)
+    result = evaluate_run(_store(db, create=False), run_id, _load_registries(), split=split, overrides=overrides, checkpoint=checkpoint,
+                          device=device)
     if fmt == "json":
         _echo_json(result)
         return
@@ -328,7 +342,7 @@ def predict(run_id: str, images: tuple[Path, ...], top_k: int, batch_size: int |
     """Classify images (files, or directories searched recursively) with RUN_ID's model."""
     from runner.inference import load_run_model, predict_images
 
-    run_model = load_run_model(_store(db, create=False), run_id, checkpoint=checkpoint, device=device, registries=_load_registries())
+    run_model = load_run_model(_store(db, create=False), run_id, _load_registries(), checkpoint=checkpoint, device=device)
     predictions = predict_images(run_model, images, top_k=top_k, batch_size=batch_size)
     if fmt == "json":
         _echo_json(predictions)
@@ -355,7 +369,7 @@ def export(run_id: str, fmt: str, output: Path, checkpoint: str, db: str | None)
     """Write RUN_ID's model as a state dict, TorchScript or ONNX file, checked to give the same logits."""
     from runner.export import export_run
 
-    result = export_run(_store(db, create=False), run_id, fmt, output, checkpoint=checkpoint)
+    result = export_run(_store(db, create=False), run_id, fmt, output, _load_registries(), checkpoint=checkpoint)
     check = (f"same logits as the checkpoint with {result.checked_with} (max difference {result.max_abs_diff:.2g})"
              if result.max_abs_diff is not None else "not checked: onnxruntime is not installed")
     click.echo(f"wrote {result.path} ({fmt}; {check})")
@@ -371,7 +385,7 @@ def reproduce(run_id: str, db: str | None, fmt: str, quiet: bool) -> None:
     """Re-run RUN_ID's stored resolved spec into a new run and compare per-epoch metrics (exit 1 if they differ)."""
     from runner.reproduce import reproduce_run
 
-    result = reproduce_run(_store(db, create=False), run_id, quiet=quiet, registries=_load_registries())
+    result = reproduce_run(_store(db, create=False), run_id, _load_registries(), quiet=quiet)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if fmt == "json":

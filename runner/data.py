@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from runner.errors import SpecError
+from runner.errors import RunnerError, SpecError
+from runner.interfaces import DatasetRequest
+from runner.spec import Spec
+
+if TYPE_CHECKING:
+    from runner.registries import Registries
 
 
 class InMemoryImages(Dataset):
@@ -82,6 +87,60 @@ def stratified_split(
         parts["val"].append(idx[n_train:n_train + n_val])
         parts["test"].append(idx[n_train + n_val:])
     return SplitIndices(*(np.sort(np.concatenate(parts[k])) for k in ("train", "val", "test")))
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """A spec's dataset, read once and shared by planning and building (no image is decoded here)."""
+
+    dataset: Any
+    targets: np.ndarray  # the dataset's label of every sample
+    label_map: dict[int, int]  # dataset label -> class index 0..K-1 (data.classes, in the spec's order)
+    class_names: list[str]  # one per class index
+
+
+def load_data(spec: Spec, registries: Registries, base_dir: str) -> LoadedData:
+    """Call the spec's dataset builder and select ``data.classes``."""
+    try:
+        builder = registries.datasets.get(spec.data.dataset)
+    except RunnerError as exc:
+        raise SpecError(f"data.dataset: {exc}") from None
+    dataset = builder(DatasetRequest(name=spec.data.dataset, options=dict(spec.data.options), base_dir=base_dir,
+                                     on_corrupt=spec.data.on_corrupt))
+    if len(dataset) == 0:
+        raise SpecError(f"data.dataset: {spec.data.dataset} is empty")
+    targets = dataset_targets(dataset)
+    names = dataset_classes(dataset, targets)
+    present = sorted(set(int(t) for t in targets))
+    wanted = spec.data.classes if spec.data.classes is not None else present
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise SpecError(f"data.classes: {missing} not in the dataset (labels present: {present})")
+    label_map = {orig: new for new, orig in enumerate(wanted)}
+    return LoadedData(dataset, targets, label_map, [names[c] if c < len(names) else str(c) for c in wanted])
+
+
+def split_indices(data: LoadedData, spec: Spec) -> SplitIndices:
+    """The seeded, stratified train/val/test split of the selected classes (dataset indices)."""
+    kept = np.flatnonzero(np.isin(data.targets, list(data.label_map)))
+    split_seed = spec.seed if spec.data.split.seed is None else spec.data.split.seed
+    inner = stratified_split(
+        data.targets[kept], (spec.data.split.train, spec.data.split.val, spec.data.split.test),
+        seed=split_seed, train_per_class=spec.data.train_per_class,
+    )
+    return SplitIndices(kept[inner.train], kept[inner.val], kept[inner.test])
+
+
+def image_mode(image: Any) -> str | None:
+    """The PIL mode a dataset's images have: a new image is converted to it before preprocessing."""
+    if isinstance(image, torch.Tensor):
+        return {1: "L", 3: "RGB", 4: "RGBA"}.get(int(image.shape[-3])) if image.ndim >= 3 else "L"
+    return getattr(image, "mode", None)
+
+
+def batches_in_memory(data: LoadedData, deterministic_transform: bool) -> bool:
+    """Whether a split's batches come from pre-transformed tensors (:class:`TensorBatches`) rather than a DataLoader."""
+    return isinstance(data.dataset, InMemoryImages) and deterministic_transform
 
 
 class Relabelled(Dataset):
@@ -157,8 +216,8 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
-def fits_on_accelerator(images: torch.Tensor, device: Any) -> bool:
-    """Whether a pre-transformed split can live on a CUDA device, using at most a quarter of its free memory.
+def fits_on_device(nbytes: int, device: Any) -> bool:
+    """Whether ``nbytes`` of pre-transformed images may live on a CUDA device: at most a quarter of its free memory.
 
     Shuffled batches of pinned host memory are gathered into pageable memory, so their copies would
     not overlap; on the device, a batch is one index operation.
@@ -166,7 +225,7 @@ def fits_on_accelerator(images: torch.Tensor, device: Any) -> bool:
     if device is None or torch.device(device).type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return images.numel() * images.element_size() < free // 4
+    return nbytes < free // 4
 
 
 def make_loader(
@@ -178,13 +237,18 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     pin_memory: bool = False,
-    device: Any = None,
+    on_device: Any = None,
 ) -> Any:
+    """Batches of ``subset``: pre-transformed tensors for in-memory data with deterministic transforms, else a DataLoader.
+
+    ``on_device``: a device the pre-transformed tensors move to once (batches are then indexed there,
+    no copy per batch); the plan decides whether they fit.
+    """
     generator = torch.Generator().manual_seed(seed)
     if isinstance(subset.base, InMemoryImages) and deterministic_transform:
         images, labels = pretransform(subset, transform)
-        if fits_on_accelerator(images, device):  # batches are then indexed on the device: no copy per batch
-            images, labels = images.to(device), labels.to(device)
+        if on_device is not None:
+            images, labels = images.to(on_device), labels.to(on_device)
         elif pin_memory:
             images, labels = images.pin_memory(), labels.pin_memory()
         return TensorBatches(images, labels, batch_size, shuffle, generator)
@@ -203,5 +267,6 @@ def make_loader(
 
 __all__ = [
     "InMemoryImages", "SplitIndices", "stratified_split", "Relabelled", "TensorBatches", "make_loader",
-    "dataset_targets", "dataset_classes", "Subset",
+    "dataset_targets", "dataset_classes", "Subset", "LoadedData", "load_data", "split_indices", "image_mode",
+    "batches_in_memory",
 ]

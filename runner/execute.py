@@ -1,4 +1,9 @@
-"""Running an experiment: prepare (checked, nothing stored) → run row → fit → final status."""
+"""Running an experiment: upstream runs → plan (checked, nothing stored) → build → run row → fit → final status.
+
+:func:`run_experiment` is the one entry point for a new run, also for the upstream experiments a
+spec's weights name (which run first, through it, when the store has no completed run of them).
+:func:`setup` is the one path from a plan to the objects that train, for new and resumed runs alike.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,25 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runner.errors import RunnerError
+from runner import data as data_mod
+from runner.build import RunParts, build
+from runner.errors import RunnerError, SpecError
+from runner.files import sha256_file
+from runner.lifecycle import heartbeat, signals_deferred, stop_on_signals
+from runner.manage import apply_retention
+from runner.performance import applied
+from runner.plan import RunPlan, UpstreamWeights, named_weights, plan
+from runner.rng import preserved, seed_everything
 from runner.spec import Spec, load_spec
 from runner.store import Store
+from runner.training import apply_stage, fit
+from runner.upstream import experiment_chain, find_upstream, upstream_experiment
+from runner.version import __version__
+
+if TYPE_CHECKING:
+    from runner.registries import Registries
 
 
 class TrainingFailed(Exception):
@@ -56,11 +75,13 @@ class StoreRecorder:
         self.store.log_epoch(self.run_id, epoch, metrics, duration_s, best_epoch=best_epoch, best_val_accuracy=best_val_accuracy)
 
     def checkpoint_saved(self, kind: str, epoch: int, path: Path) -> None:
-        from runner.build import sha256_file
-
         self.store.save_checkpoint(self.run_id, kind, epoch, str(path), sha256_file(path), path.stat().st_size)
         if kind == "last":
             self.checkpoint_epoch = epoch
+
+
+# ------------------------------------------------------------------------------------------
+# What a run records about where it ran
 
 
 def git_commit(directory: Path) -> str | None:
@@ -72,11 +93,13 @@ def git_commit(directory: Path) -> str | None:
 
 
 def model_summary(model: Any, input_shape: tuple[int, ...], device: Any) -> str:
+    """torchinfo's table of the model (a forward pass; the random generators are left as they were)."""
     import torchinfo
 
     try:
-        return str(torchinfo.summary(model, input_size=(1, *input_shape), device=device, verbose=0, depth=3,
-                                     col_names=("output_size", "num_params", "trainable")))
+        with preserved():
+            return str(torchinfo.summary(model, input_size=(1, *input_shape), device=device, verbose=0, depth=3,
+                                         col_names=("output_size", "num_params", "trainable")))
     except Exception as exc:  # a summary must never stop a run
         return f"(torchinfo summary unavailable: {type(exc).__name__}: {exc})"
 
@@ -84,8 +107,6 @@ def model_summary(model: Any, input_shape: tuple[int, ...], device: Any) -> str:
 def environment() -> dict[str, Any]:
     import torch
     import torchvision
-
-    from runner import __version__
 
     return {
         "host": socket.gethostname(),
@@ -104,75 +125,120 @@ def _progress_factory(quiet: bool) -> Any:
     return lambda total, desc: tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
+# ------------------------------------------------------------------------------------------
+# Before planning: the things a plan needs to exist
+
+
+def ensure_upstream(spec: Spec, store: Store, registries: Registries, base_dir: str, quiet: bool) -> UpstreamWeights | None:
+    """The run whose checkpoint gives the spec its weights; an upstream experiment without one runs now."""
+    path = upstream_experiment(spec, base_dir)
+    found = find_upstream(spec, store, registries, base_dir)
+    if found is not None:
+        if path is not None:
+            print(f"reusing upstream run {found.run_id} of {path}", file=sys.stderr)
+        return found
+    if path is None:  # {run: ID} names a run that must exist; find_upstream said why it cannot be used
+        return None
+    print(f"no completed run of {path} in the store: running it first", file=sys.stderr)
+    run_experiment(path, store=store, registries=registries, quiet=quiet)
+    return find_upstream(spec, store, registries, base_dir)
+
+
+def fetch_named_weights(spec: Spec, registries: Registries) -> None:
+    """Download named pretrained weights that are not on disk yet (a plan hashes them)."""
+    if not isinstance(spec.model.weights, str):
+        return
+    weights = named_weights(spec, registries, spec.model.weights)
+    if weights.path is not None and not Path(weights.path).is_file() and weights.fetch is not None:
+        weights.fetch()
+
+
+# ------------------------------------------------------------------------------------------
+# New runs
+
+
 def run_experiment(
     source: str | Path | dict[str, Any] | Spec,
     overrides: list[str] | tuple[str, ...] = (),
-    store: Store | None = None,
+    *,
+    store: Store,
+    registries: Registries,
     device: str | None = None,
     quiet: bool = True,
-    registries: Any = None,
     base_dir: str | None = None,
 ) -> RunOutcome:
-    """Validate and prepare everything, then train into a new run of ``store``.
+    """Plan and build everything, then train into a new run of ``store``.
 
     ``base_dir`` is where relative paths in the spec point (default: the spec file's directory,
     or the working directory for a mapping); ``runner reproduce`` passes the original run's.
-
-    ``registries`` (from :func:`runner.plugins.load_registries`) lets a caller that already loaded
-    the plugins, e.g. to report their problems, avoid loading them twice.
     """
-    from runner.build import prepare, seed_everything
-    from runner.lifecycle import heartbeat_interval
-    from runner.models import count_parameters
-    from runner.plugins import load_registries
-    from runner.training import apply_stage
-
     overrides = list(overrides) + ([f"device={device}"] if device else [])
     spec = load_spec(source, overrides)
-    heartbeat_s = heartbeat_interval()
     if base_dir is None:
         base_dir = str(Path(source).parent) if isinstance(source, (str, Path)) else "."
-    store = store if store is not None else Store()
-    registries = registries if registries is not None else load_registries()
-    seed_everything(spec.seed, spec.deterministic)
-    prepared = prepare(spec, registries, base_dir=base_dir, store=store)
-    apply_stage(prepared.model, prepared.strategy.stage(1))
-    total, trainable = count_parameters(prepared.model)
-    summary = model_summary(prepared.model, prepared.input_shape, prepared.device)
-    seed_everything(spec.seed, spec.deterministic)  # the summary's forward pass must not shift RNG state
+    experiment_chain(spec, base_dir, Path(source) if isinstance(source, (str, Path)) else None)  # a cycle fails before any work
+    upstream = ensure_upstream(spec, store, registries, base_dir, quiet)
+    fetch_named_weights(spec, registries)
+    data = data_mod.load_data(spec, registries, base_dir)
+    run_plan = plan(spec, registries, base_dir=base_dir, upstream=upstream, data=data)
+    parts = setup(run_plan, registries, data=data)
+    summary = model_summary(parts.model, run_plan.data.input_shape, parts.device)
+    run_id = record_new_run(store, run_plan, summary)
+    return train_run(store, run_id, run_plan, parts, store.run_dir(run_id), quiet)
 
+
+def setup(run_plan: RunPlan, registries: Registries, *, data: data_mod.LoadedData | None = None,
+          checkpoint: dict[str, Any] | None = None, verify_weights: bool = False) -> RunParts:
+    """Seed, build the plan's model, loaders and strategy, and ready the model for epoch 1.
+
+    With a ``checkpoint`` (resume) the model takes its weights from it; training then restores every
+    random generator from it. Without one, the generators are seeded again after building, so the
+    first epoch draws the same numbers however much building drew. ``verify_weights`` checks that
+    the initial weights file still has the sha256 the plan recorded (a plan stored long ago).
+    """
+    spec = run_plan.spec
+    seed_everything(spec.seed, spec.deterministic)
+    parts = build(run_plan, registries, data=data, load_weights=checkpoint is None, verify_weights=verify_weights)
+    if checkpoint is None:
+        apply_stage(parts.model, parts.strategy.stage(1))
+    else:  # the weights now, before training computes anything from them (e.g. cached backbone features)
+        parts.model.load_state_dict(checkpoint["model"])
+    seed_everything(spec.seed, spec.deterministic)
+    return parts
+
+
+def record_new_run(store: Store, run_plan: RunPlan, summary: str) -> str:
+    """The run's row, ``running``, with its resolved spec, plan and provenance; its id."""
     run_id = store.new_run_id()
-    resolved = prepared.spec
+    spec = run_plan.spec
     store.create_run(
         run_id,
-        name=resolved.name,
-        spec_yaml=resolved.to_yaml(),
-        spec_json=json.dumps(resolved.resolved(), sort_keys=True),
-        spec_hash=resolved.spec_hash(),
-        model=resolved.model.name,
-        strategy=resolved.training.strategy.name,
-        dataset=resolved.data.dataset,
-        seed=resolved.seed,
-        device=str(prepared.device),
-        git_commit=git_commit(Path(base_dir)),
-        params_total=total,
-        params_trainable=trainable,
+        name=spec.name,
+        spec_yaml=spec.to_yaml(),
+        spec_json=json.dumps(spec.resolved(), sort_keys=True),
+        spec_hash=run_plan.spec_hash,
+        model=spec.model.name,
+        strategy=spec.training.strategy.name,
+        dataset=spec.data.dataset,
+        seed=spec.seed,
+        device=run_plan.device,
+        git_commit=git_commit(Path(run_plan.spec_dir)),
+        params_total=run_plan.model.params_total,
+        params_trainable=run_plan.model.params_trainable,
         model_summary=summary,
-        plugins_json=json.dumps(registries.used_plugins(prepared.used_names)),
-        # spec_dir: where relative paths in the spec point, for `runner resume`
-        settings_json=json.dumps({**prepared.settings, "strategy": prepared.strategy.describe(),
-                                  "spec_dir": str(Path(base_dir).resolve()), "heartbeat_s": heartbeat_s}, default=str),
-        class_names_json=json.dumps(prepared.class_names),
-        weights_source=prepared.weights.source if prepared.weights else None,
-        weights_sha256=prepared.weights.sha256 if prepared.weights else None,
-        heartbeat_s=heartbeat_s,
+        plugins_json=json.dumps(list(run_plan.plugins)),
+        settings_json=json.dumps(run_plan.to_json(), default=str),
+        class_names_json=json.dumps(list(run_plan.data.class_names)),
+        weights_source=run_plan.weights.source if run_plan.weights else None,
+        weights_sha256=run_plan.weights.sha256 if run_plan.weights else None,
+        heartbeat_s=run_plan.heartbeat_s,
         **environment(),
     )
-    return train_run(store, run_id, prepared, store.run_dir(run_id), heartbeat_s, quiet)
+    return run_id
 
 
 def train_run(
-    store: Store, run_id: str, prepared: Any, run_dir: Path, heartbeat_s: float, quiet: bool = True,
+    store: Store, run_id: str, run_plan: RunPlan, parts: RunParts, run_dir: Path, quiet: bool = True,
     resume_from: dict[str, Any] | None = None,
 ) -> RunOutcome:
     """Train into the existing run ``run_id`` and store how it ended: completed, interrupted or failed.
@@ -182,16 +248,13 @@ def train_run(
     stored stay either way. A heartbeat thread keeps the run from showing as lost while this
     process lives.
     """
-    from runner.lifecycle import heartbeat, signals_deferred, stop_on_signals
-    from runner.performance import applied, of_run
-    from runner.training import fit
-
     recorder = StoreRecorder(store, run_id, int(resume_from["epoch"]) if resume_from else 0)
+    heartbeat_s = run_plan.heartbeat_s
     with stop_on_signals():
         try:
-            # threads and cudnn.benchmark are process-wide: set for training (settings["performance"]), then restored
-            with heartbeat(lambda: store.heartbeat(run_id, heartbeat_s), heartbeat_s), applied(of_run(prepared)):
-                result = fit(prepared, recorder, run_dir, _progress_factory(quiet), resume_from=resume_from)
+            # threads and cudnn.benchmark are process-wide: set for training, then restored
+            with heartbeat(lambda: store.heartbeat(run_id, heartbeat_s), heartbeat_s), applied(run_plan.performance):
+                result = fit(run_plan, parts, recorder, run_dir, _progress_factory(quiet), resume_from=resume_from)
                 with signals_deferred(raise_after=False):  # finished: a late signal changes nothing
                     test = {k: v for k, v in result.test.items() if k != "confusion"}
                     store.save_split_metrics(run_id, "test", test)
@@ -208,11 +271,10 @@ def train_run(
             with signals_deferred(raise_after=False):
                 store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), stop_reason="error")
             raise TrainingFailed(run_id, exc) from exc
-    from runner.manage import apply_retention
-
     # only now: until the run completed, its last checkpoint was what a resume would start from
-    apply_retention(store, run_id, prepared.spec.checkpoints.keep)
+    apply_retention(store, run_id, run_plan.spec.checkpoints.keep)
     return RunOutcome(run_id, "completed", test)
 
 
-__all__ = ["run_experiment", "train_run", "RunOutcome", "RunInterrupted", "TrainingFailed", "RunnerError"]
+__all__ = ["run_experiment", "setup", "train_run", "record_new_run", "RunOutcome", "RunInterrupted", "TrainingFailed",
+           "RunnerError", "SpecError"]

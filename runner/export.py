@@ -11,17 +11,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from runner.errors import RunnerError
+from runner.files import atomic_write, atomic_write_bytes, sha256_file
 from runner.inference import RunModel, load_run_model
 from runner.store import Store, utcnow
+from runner.version import __version__
+
+if TYPE_CHECKING:
+    from runner.registries import Registries
 
 FORMATS = ("state_dict", "torchscript", "onnx")
 TOLERANCE = 1e-4
@@ -44,10 +48,6 @@ def example_batch(run_model: RunModel, size: int) -> torch.Tensor:
     """Inputs for tracing and checking: seeded noise of the model's input shape, on the CPU."""
     generator = torch.Generator().manual_seed(0)
     return torch.randn((size, *run_model.input_shape), generator=generator)
-
-
-def _temporary(output: Path) -> Path:
-    return output.with_name(f".{output.name}.{os.getpid()}.tmp")
 
 
 def _check(expected: torch.Tensor, actual: Any, what: str) -> float:
@@ -119,9 +119,6 @@ WRITERS: dict[str, Callable[[RunModel, Path], tuple[float | None, str | None]]] 
 
 
 def sidecar(run_model: RunModel, fmt: str, output: Path, result: tuple[float | None, str | None]) -> dict[str, Any]:
-    from runner import __version__
-    from runner.build import sha256_file
-
     channels, height, width = run_model.input_shape
     return {
         "format": fmt,
@@ -144,7 +141,7 @@ def sidecar(run_model: RunModel, fmt: str, output: Path, result: tuple[float | N
     }
 
 
-def export_run(store: Store, run_id: str, fmt: str, output: Path, checkpoint: str = "best") -> ExportResult:
+def export_run(store: Store, run_id: str, fmt: str, output: Path, registries: Registries, checkpoint: str = "best") -> ExportResult:
     """Write the run's model to ``output`` and its sidecar to ``output.json``; nothing is left half written."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -153,18 +150,12 @@ def export_run(store: Store, run_id: str, fmt: str, output: Path, checkpoint: st
         raise ExportError(f"{output} is a directory; give a file name")
     if not output.parent.is_dir():
         raise ExportError(f"cannot write {output}: directory {output.parent} does not exist")
-    run_model = load_run_model(store, run_id, checkpoint=checkpoint, device="cpu")
-    tmp = _temporary(output)
+    run_model = load_run_model(store, run_id, registries, checkpoint=checkpoint, device="cpu")
+    outcome: list[tuple[float | None, str | None]] = []
+    atomic_write(output, lambda tmp: outcome.append(WRITERS[fmt](run_model, tmp)))
     side = output.with_name(output.name + ".json")
-    try:
-        result = WRITERS[fmt](run_model, tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
-    side_tmp = _temporary(side)
-    side_tmp.write_text(json.dumps(sidecar(run_model, fmt, output, result), indent=2) + "\n", encoding="utf-8")
-    os.replace(side_tmp, side)
-    return ExportResult(output, side, result[0], result[1])
+    atomic_write_bytes(side, json.dumps(sidecar(run_model, fmt, output, outcome[0]), indent=2) + "\n")
+    return ExportResult(output, side, outcome[0][0], outcome[0][1])
 
 
 __all__ = ["export_run", "ExportResult", "ExportError", "FORMATS"]

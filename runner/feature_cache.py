@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,12 @@ from torchvision.ops import StochasticDepth
 from runner.data import TensorBatches
 from runner.interfaces import Strategy
 from runner.models import head_names, select_trainable
+from runner.spec import Spec
+from runner.tensor_files import load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from runner.build import RunParts
+    from runner.plan import RunPlan
 
 _RANDOM_IN_TRAIN_MODE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, StochasticDepth)
 
@@ -39,14 +45,19 @@ class CachedFeatures:
     key: str
 
 
-def blocker(prepared: Any) -> str | None:
-    """Why the cache cannot be used for this run, or None when it can."""
-    spec, model = prepared.spec, prepared.model
+def blocker(spec: Spec, model: nn.Module, strategy: Strategy, train_transform_random: bool,
+            input_shape: tuple[int, int, int]) -> str | None:
+    """Why the cache cannot be used for this run, or None when it can.
+
+    ``model`` may live on the ``meta`` device: only its structure and one forward pass of shapes
+    are looked at. Raises ``NotImplementedError`` when that forward pass needs an operation the
+    model's device does not implement (the caller then retries with a CPU model).
+    """
     if spec.training.feature_cache == "off":
         return "switched off in the spec"
-    if prepared.train_transform_random:
+    if train_transform_random:
         return "the training transforms are random"
-    if type(prepared.strategy).on_batch is not Strategy.on_batch:
+    if type(strategy).on_batch is not Strategy.on_batch:
         return "the strategy transforms batches"
     heads = head_names(model)
     if len(heads) != 1:
@@ -55,29 +66,35 @@ def blocker(prepared: Any) -> str | None:
     if all(name.startswith(prefix) for name, _ in model.named_parameters()):
         return "the model has no backbone outside its head"
     for epoch in range(1, spec.training.epochs + 1):
-        trainable = select_trainable(model, prepared.strategy.stage(epoch).trainable)
+        trainable = select_trainable(model, strategy.stage(epoch).trainable)
         if any(not name.startswith(prefix) for name in trainable):
             return f"the backbone trains (epoch {epoch})"
     for name, module in model.named_modules():
         if isinstance(module, _RANDOM_IN_TRAIN_MODE) and not name.startswith(prefix) and name != heads[0]:
             return f"the backbone has a random layer in train mode ({name})"
-    if not _head_is_applied_last(model, getattr(model, heads[0]), prepared.val_loader, prepared.device):
+    if not _head_is_applied_last(model, getattr(model, heads[0]), input_shape):
         return "the model computes more after its head"
     return None
 
 
-def _head_is_applied_last(model: nn.Module, head: nn.Module, loader: Any, device: torch.device) -> bool:
-    """On one batch, does the head applied to what it receives give the model's own output?"""
-    was_training, original_device = model.training, next(model.parameters()).device
-    model.to(device).eval()
+def _head_is_applied_last(model: nn.Module, head: nn.Module, input_shape: tuple[int, int, int]) -> bool:
+    """Is the model's output the very tensor its head returns (nothing computed after the head)?
+
+    Identity, not closeness: it needs no real numbers, so it works on the ``meta`` device.
+    """
+    produced: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _module, _args, output: produced.append(output))
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
     try:
-        images, _ = next(iter(_ordered_batches(loader)))
-        inputs, _, logits = _extract(model, head, [(images[:8], torch.zeros(len(images[:8])))], device)
         with torch.inference_mode():
-            again = head(inputs.to(device)).cpu()
-        return again.shape == logits.shape and torch.allclose(again, logits, atol=1e-5, rtol=1e-4)
+            output = model(torch.zeros((2, *input_shape), device=device))
     finally:
-        model.train(was_training).to(original_device)
+        handle.remove()
+        model.train(was_training)
+    logits = output.logits if hasattr(output, "logits") else output
+    return len(produced) == 1 and logits is produced[0]
 
 
 class _HeadInput:
@@ -100,52 +117,51 @@ def _ordered_batches(loader: Any) -> Any:
 
 
 @torch.inference_mode()
-def _extract(model: nn.Module, head: nn.Module, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Head inputs, labels and full-model logits (to check the head really is applied last)."""
+def _extract(model: nn.Module, head: nn.Module, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the head receives for every sample of ``loader`` (in dataset order), and the labels."""
     capture = _HeadInput()
     handle = head.register_forward_pre_hook(capture)
-    labels, logits = [], []
+    labels = []
     try:
-        for images, batch_labels in (loader if isinstance(loader, list) else _ordered_batches(loader)):
-            out = model(images.to(device))
-            logits.append((out.logits if hasattr(out, "logits") else out).cpu())
+        for images, batch_labels in _ordered_batches(loader):
+            model(images.to(device))
             labels.append(torch.as_tensor(batch_labels))
     finally:
         handle.remove()
-    return torch.cat(capture.batches), torch.cat(labels), torch.cat(logits)
+    return torch.cat(capture.batches), torch.cat(labels)
 
 
-def cache_key(prepared: Any) -> str:
+def cache_key(plan: RunPlan, model: nn.Module) -> str:
     """Backbone weights, eval transforms, data selection and device: what the features depend on."""
     digest = hashlib.sha256()
-    prefix = f"{head_names(prepared.model)[0]}."
-    for name, tensor in sorted(prepared.model.state_dict().items()):
+    prefix = f"{head_names(model)[0]}."
+    for name, tensor in sorted(model.state_dict().items()):
         if not name.startswith(prefix):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    spec = prepared.spec
+    spec = plan.spec
     described = {
         "model": spec.model.name, "options": spec.model.options, "surgery": spec.model.surgery,
         "transforms": [s.model_dump() for s in spec.transforms.eval or []],
-        "rgb_expanded": prepared.settings.get("rgb_expanded"),
+        "rgb_expanded": plan.data.rgb_expanded,
         "data": spec.data.model_dump(exclude={"batch_size", "eval_batch_size", "num_workers"}),
-        "seed": spec.seed, "device": prepared.device.type,
-        "performance": prepared.settings.get("performance"),  # memory format and precision change the numbers
+        "seed": spec.seed, "device": torch.device(plan.device).type,
+        "performance": plan.performance.as_dict(),  # memory format and precision change the numbers
     }
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
 
-def build(prepared: Any, cache_dir: Path) -> CachedFeatures:
+def build(plan: RunPlan, parts: RunParts, cache_dir: Path) -> CachedFeatures:
     """Features for every split, from disk when cached (see :func:`blocker` for when this is exact)."""
-    model, device = prepared.model, prepared.device
+    model, device = parts.model, parts.device
     head = getattr(model, head_names(model)[0])
-    key = cache_key(prepared)
+    key = cache_key(plan, model)
     path = cache_dir / f"{key}.pt"
-    splits = {"train": prepared.train_loader, "val": prepared.val_loader, "test": prepared.test_loader}
+    splits = {"train": parts.train_loader, "val": parts.val_loader, "test": parts.test_loader}
     reused = path.is_file()
     if reused:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        stored = load_tensors(path, f"feature cache {path}")
         features = {k: (v["features"], v["labels"]) for k, v in stored.items()}
     else:
         was_training = model.training
@@ -153,14 +169,11 @@ def build(prepared: Any, cache_dir: Path) -> CachedFeatures:
         features = {}
         try:
             for split, loader in splits.items():
-                inputs, labels, _ = _extract(model, head, loader, device)
+                inputs, labels = _extract(model, head, loader, device)
                 features[split] = (inputs, labels)
         finally:
             model.train(was_training)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        from runner.training import save_atomically
-
-        save_atomically({k: {"features": f, "labels": y} for k, (f, y) in features.items()}, path)
+        save_tensors({k: {"features": f, "labels": y} for k, (f, y) in features.items()}, path)
     loaders = {}
     for split, loader in splits.items():
         inputs, labels = features[split]

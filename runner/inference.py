@@ -12,14 +12,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from runner import data as data_mod
+from runner import performance
+from runner.build import build_loaders, build_run_model, whole_data_loader
 from runner.errors import RunnerError
-from runner.spec import Spec, TransformStep, load_spec
+from runner.files import sha256_file
+from runner.optim import build_loss
+from runner.plan import RunPlan, plan, resolve_device, stored_plan
+from runner.spec import Spec, load_spec
 from runner.store import Store
+from runner.tensor_files import load_state_dict_file
+from runner.training import evaluate
+from runner.transforms import build_transform, describe
+
+if TYPE_CHECKING:
+    from runner.registries import Registries
 
 CHECKPOINTS = ("best", "last")
 SPLITS = ("test", "val", "all")  # all: every image of the data, e.g. another dataset given with --set
@@ -74,11 +86,6 @@ class RunModel:
 # Loading
 
 
-def stored_spec(row: dict[str, Any], overrides: Sequence[str] = ()) -> Spec:
-    """The run's resolved spec (eval transforms and class count filled in), with any overrides."""
-    return load_spec(json.loads(row["spec_json"]), list(overrides))
-
-
 def default_device(row: dict[str, Any]) -> str:
     """A CPU run is used on the CPU (so eval recomputes its numbers exactly); others on the best device."""
     return "cpu" if (row.get("device") or "").startswith("cpu") else "auto"
@@ -98,63 +105,36 @@ def checkpoint_path(store: Store, run_id: str, kind: str) -> tuple[Path, dict[st
 
 
 def load_checkpoint_state(store: Store, run_id: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from runner.build import load_state_dict_file, sha256_file
-
     path, record = checkpoint_path(store, run_id, kind)
     if sha256_file(path) != record["sha256"]:
         raise InferenceError(f"the {kind} checkpoint of run {run_id} ({path}) changed since the run wrote it (sha256 differs)")
     return load_state_dict_file(path, f"{kind} checkpoint of run {run_id}"), record
 
 
-def eval_steps(spec: Spec, rgb_expanded: bool) -> list[TransformStep]:
-    from runner.build import with_rgb_expansion
-
-    steps = list(spec.transforms.eval or [])
-    return with_rgb_expansion(steps) if rgb_expanded else steps
-
-
-def _shapes_from_data(spec: Spec, registries: Any, base_dir: str) -> dict[str, Any]:
-    """For runs stored before their input shapes were recorded: read one sample of their dataset."""
-    from runner.build import build_transform, image_mode, load_dataset
-
-    dataset = load_dataset(spec, registries, base_dir)[0]
-    raw = dataset[0][0]
-    sample = build_transform(registries, list(spec.transforms.eval or []), "transforms.eval")(raw)
-    return {"data_shape": list(sample.shape), "image_type": "tensor" if isinstance(raw, torch.Tensor) else "PIL", "image_mode": image_mode(raw)}
-
-
-def load_run_model(store: Store, run_id: str, checkpoint: str = "best", device: str | None = None, registries: Any = None) -> RunModel:
-    """Rebuild a run's model, load its ``best`` (or ``last``) checkpoint, and ready it for inference."""
-    from runner.build import build_model, build_transform, resolve_device
-    from runner.plugins import load_registries
-
+def load_run_model(store: Store, run_id: str, registries: Registries, checkpoint: str = "best", device: str | None = None) -> RunModel:
+    """Rebuild a run's model from its plan, load its ``best`` (or ``last``) checkpoint, and ready it for inference."""
     row = store.run_row(run_id)
     run_id = row["id"]
-    spec = stored_spec(row)
-    registries = registries if registries is not None else load_registries()
-    settings = json.loads(row["settings_json"] or "{}")
-    if "data_shape" not in settings:
-        settings.update(_shapes_from_data(spec, registries, settings.get("spec_dir", ".")))
-    data_shape = tuple(int(s) for s in settings["data_shape"])
-    expanded = bool(settings.get("rgb_expanded"))
+    run_plan = stored_plan(row, registries)
     state, record = load_checkpoint_state(store, run_id, checkpoint)
-    model, _, _ = build_model(spec, registries, data_shape, load_weights=False)  # type: ignore[arg-type]
+    model = build_run_model(run_plan, registries, load_weights=False)
     model.load_state_dict(state)
     target = resolve_device(device or default_device(row))
     model.to(target).eval()
-    steps = eval_steps(spec, expanded)
+    steps = list(run_plan.spec.transforms.eval or [])
+    expanded = run_plan.data.rgb_expanded
     return RunModel(
         run_id=run_id,
         model=model,
-        class_names=json.loads(row["class_names_json"] or "[]"),
-        spec=spec,
+        class_names=list(run_plan.data.class_names),
+        spec=run_plan.spec,
         checkpoint=checkpoint,
         epoch=record["epoch"],
-        preprocessing=[{"name": s.name, **s.options} for s in steps],
-        transform=build_transform(registries, steps, "transforms.eval"),
-        input_shape=(3, *data_shape[1:]) if expanded else data_shape,  # type: ignore[arg-type]
-        image_mode=settings.get("image_mode") or ("L" if data_shape[0] == 1 else "RGB"),
-        image_type=settings.get("image_type", "PIL"),
+        preprocessing=describe(steps, expanded),
+        transform=build_transform(registries, steps, "transforms.eval", expand_rgb=expanded),
+        input_shape=tuple(run_plan.data.input_shape),  # type: ignore[arg-type]
+        image_mode=run_plan.data.image_mode or ("L" if run_plan.data.data_shape[0] == 1 else "RGB"),
+        image_type=run_plan.data.image_type,
         device=target,
     )
 
@@ -174,6 +154,7 @@ def check_data_overrides(overrides: Sequence[str]) -> None:
 def evaluate_run(
     store: Store,
     run_id: str,
+    registries: Registries,
     split: str = "test",
     overrides: Sequence[str] = (),
     checkpoint: str = "best",
@@ -183,32 +164,27 @@ def evaluate_run(
 
     Returns the stored evaluation: ``split``, ``loss``, ``accuracy``, ``f1_macro`` and where it came from.
     """
-    from runner.build import prepare
-    from runner.plugins import load_registries
-    from runner.training import build_loss, evaluate
-
     if split not in SPLITS:
         raise InferenceError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     check_data_overrides(overrides)
     row = store.run_row(run_id)
     run_id = row["id"]
-    spec = stored_spec(row, [*overrides, f"device={device or default_device(row)}"])
+    run_plan = stored_plan(row, registries)
     state, record = load_checkpoint_state(store, run_id, checkpoint)
-    settings = json.loads(row["settings_json"] or "{}")
-    # the run's own construction path: same split seed, same transforms, same RGB expansion
-    prepared = prepare(spec, load_registries(), base_dir=settings.get("spec_dir", "."), load_weights=False)
-    class_names = json.loads(row["class_names_json"] or "[]")
-    if class_names and prepared.class_names != class_names:
-        raise InferenceError(f"the data's classes {prepared.class_names} are not the run's {class_names}")
-    prepared.model.load_state_dict(state)
-    prepared.model.to(prepared.device)
-    loaders = {"test": lambda: prepared.test_loader, "val": lambda: prepared.val_loader,
-               "all": lambda: whole_data_loader(spec, prepared, settings.get("spec_dir", "."))}
-    loader = loaders[split]()
-    from runner.performance import of_run
-
-    with of_run(prepared).autocast(prepared.device):  # the precision the run was evaluated in (AMP on CUDA)
-        result = evaluate(prepared.model, loader, build_loss(spec, prepared.device), prepared.device, len(prepared.class_names))
+    target = resolve_device(device or default_device(row))
+    eval_plan, data = plan_for_data(run_plan, registries, overrides, target)
+    model = build_run_model(run_plan, registries, load_weights=False)
+    if run_plan.performance.channels_last:  # the memory format the run trained and tested in
+        model.to(memory_format=torch.channels_last)
+    model.load_state_dict(state)
+    model.to(target)
+    if split == "all":
+        loader = whole_data_loader(eval_plan, registries, data, target)
+    else:
+        loader = build_loaders(eval_plan, registries, data, target)[f"{split}_loader"]
+    speed = run_plan.performance if target.type == torch.device(run_plan.device).type else performance.resolve(run_plan.spec, target, model)
+    with speed.autocast(target):  # the precision the run was evaluated in (AMP on CUDA)
+        result = evaluate(model, loader, build_loss(run_plan.spec, target), target, run_plan.num_classes)
     evaluation = {
         "split": split,
         "loss": result["loss"],
@@ -216,9 +192,9 @@ def evaluate_run(
         "f1_macro": result["f1_macro"],
         "checkpoint": checkpoint,
         "checkpoint_epoch": record["epoch"],
-        "dataset": spec.data.dataset,
+        "dataset": eval_plan.spec.data.dataset,
         "overrides": list(overrides),
-        "device": str(prepared.device),
+        "device": str(target),
         "samples": int(sum(sum(r) for r in result["confusion"])),
     }
     evaluation["id"] = store.save_evaluation(
@@ -227,21 +203,19 @@ def evaluate_run(
     return {"run_id": run_id, **evaluation}
 
 
-def whole_data_loader(spec: Spec, prepared: Any, base_dir: str) -> Any:
-    """Every image of the spec's data (its data.classes only), through the run's evaluation transforms."""
-    import numpy as np
-
-    from runner import data as data_mod
-    from runner.build import build_transform, load_dataset
-    from runner.plugins import load_registries
-
-    registries = load_registries()
-    dataset, targets, label_map, _ = load_dataset(spec, registries, base_dir)
-    indices = np.flatnonzero(np.isin(targets, list(label_map)))
-    transform = build_transform(registries, eval_steps(spec, bool(prepared.settings.get("rgb_expanded"))), "transforms.eval")
-    subset = data_mod.Relabelled(dataset, indices, label_map, None)
-    batch = spec.data.eval_batch_size or spec.data.batch_size
-    return data_mod.make_loader(subset, transform, True, batch, False, spec.seed, spec.data.num_workers, prepared.device.type == "cuda")
+def plan_for_data(run_plan: RunPlan, registries: Registries, overrides: Sequence[str],
+                  device: torch.device) -> tuple[RunPlan, data_mod.LoadedData]:
+    """The run's plan, or for other data (``data.*`` overrides) a plan of that data checked to fit the run's model."""
+    if not overrides:
+        return run_plan, data_mod.load_data(run_plan.spec, registries, run_plan.spec_dir)
+    spec = load_spec(run_plan.spec.resolved(), [*overrides, f"device={device}"])
+    data = data_mod.load_data(spec, registries, run_plan.spec_dir)
+    other = plan(spec, registries, base_dir=run_plan.spec_dir, data=data, read_weights=False)  # e.g. another class count
+    if list(data.class_names) != list(run_plan.data.class_names):
+        raise InferenceError(f"the data's classes {data.class_names} are not the run's {list(run_plan.data.class_names)}")
+    if other.data.input_shape != run_plan.data.input_shape:
+        raise InferenceError(f"the data gives the model {other.data.input_shape} inputs, the run was trained on {run_plan.data.input_shape}")
+    return other, data
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,6 +35,28 @@ class ModelRequest:
 
 
 @dataclass(frozen=True)
+class NamedWeights:
+    """Pretrained weights a model builder offers by name: what ``model.weights: NAME`` resolves to.
+
+    A builder offers named weights with two attributes: ``builder.weights_names() -> list[str]``
+    (listed by ``runner models``) and ``builder.named_weights(name) -> NamedWeights`` (raising
+    :class:`SpecError` for a name it does not offer). The runner records ``source`` and the sha256 of
+    ``path`` with every run, and passes the name to the builder in :attr:`ModelRequest.weights`.
+
+    :param name: the weights' own name (``DEFAULT`` resolved to the one it stands for).
+    :param source: what the run records as the weights' origin (``torchvision:ResNet18_Weights.IMAGENET1K_V1``).
+    :param path: the local file the builder loads them from, or None when they are not one file.
+    :param fetch: makes ``path`` exist (a download), called before a run is planned; None when the
+        builder cannot fetch them (then a missing ``path`` is an error naming it).
+    """
+
+    name: str
+    source: str
+    path: str | None = None
+    fetch: Callable[[], None] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
 class DatasetRequest:
     """What a dataset builder is asked to load.
 

@@ -9,13 +9,69 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 
-from runner.errors import SpecError
+from runner import rng
+from runner.errors import RunnerError, SpecError
+from runner.interfaces import ModelRequest
 from runner.layers import build_layer
+from runner.spec import Spec
+
+if TYPE_CHECKING:
+    from runner.registries import Registries
+
+
+# ------------------------------------------------------------------------------------------
+# Building
+
+
+def build_model(
+    spec: Spec, registries: Registries, input_shape: tuple[int, int, int], *, weights_name: str | None = None,
+    on_meta: bool = False,
+) -> tuple[nn.Module, list[str]]:
+    """The spec's model with its head sized and surgery applied, and the names of the layers replaced.
+
+    ``on_meta`` builds it on PyTorch's ``meta`` device: every module and shape, no memory and no
+    random numbers, which is all planning needs (a builder that cannot build on ``meta`` is built on
+    the CPU with the random generators left as they were). ``weights_name`` is passed to the builder
+    (named pretrained weights); weights from files or runs are loaded later by the caller.
+    """
+    request = ModelRequest(
+        name=spec.model.name, num_classes=int(spec.model.num_classes or 0), input_shape=input_shape,
+        options=dict(spec.model.options), weights=weights_name, trust_repo=spec.model.trust_repo,
+    )
+    builder = registries.models.get(spec.model.name)
+    if not on_meta:
+        return _assemble(builder, request, spec)
+    try:
+        with torch.device("meta"):
+            return _assemble(builder, request, spec)
+    except (NotImplementedError, RuntimeError) as exc:
+        if "meta" not in str(exc).lower():
+            raise
+    with rng.preserved():
+        return _assemble(builder, request, spec)
+
+
+def _assemble(builder: Any, request: ModelRequest, spec: Spec) -> tuple[nn.Module, list[str]]:
+    try:
+        model = builder(request)
+    except RunnerError:
+        raise
+    except TypeError as exc:
+        raise SpecError(f"model.options: {spec.model.name}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model.name: {spec.model.name} did not build a torch.nn.Module")
+    heads = head_names(model)
+    apply_surgery(model, spec.model.surgery, int(spec.model.num_classes or 0))
+    return model, sorted(set(heads) | set(spec.model.surgery))
+
+
+# ------------------------------------------------------------------------------------------
+# The head
 
 
 def final_layer_name(model: nn.Module) -> str:

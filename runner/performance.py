@@ -81,7 +81,7 @@ class Performance:
         return torch.compile(module)
 
 
-# No speed-ups and no process-wide changes: what a Prepared built without runner.build.prepare gets
+# No speed-ups and no process-wide changes (a training loop driven by hand, without a plan)
 DEFAULT = Performance(threads=0, channels_last=False, amp=None, grad_scaler=False, cudnn_benchmark=False,
                       pin_memory=False, compile=False)
 
@@ -131,12 +131,6 @@ def resolve(spec: Any, device: Any, model: Any) -> Performance:
     )
 
 
-def of_run(prepared: Any) -> Performance:
-    """The switches :func:`runner.build.prepare` resolved for this run (none for a hand-built one)."""
-    recorded = prepared.settings.get("performance")
-    return Performance.from_dict(recorded) if recorded else DEFAULT
-
-
 @contextlib.contextmanager
 def applied(performance: Performance) -> Iterator[Performance]:
     """Set the thread count and ``cudnn.benchmark`` while training; put the previous values back after."""
@@ -151,39 +145,3 @@ def applied(performance: Performance) -> Iterator[Performance]:
     finally:
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = benchmark
-
-
-def describe_batches(loader: Any) -> str:
-    """How training batches are made, for the run's settings: in-memory tensor indexing or a DataLoader."""
-    workers = getattr(loader, "num_workers", None)
-    if workers is None:
-        images = loader.images
-        where = f"on {images.device.type}" if images.device.type != "cpu" else "pinned" if images.is_pinned() else "on cpu"
-        return f"in-memory tensors, {where}"
-    return f"DataLoader, {workers} workers" + (", persistent" if getattr(loader, "persistent_workers", False) else "")
-
-
-_exit_hook_registered = False
-
-
-def _collect_then_freeze() -> None:
-    import gc
-
-    gc.collect()  # unreachable objects are finalized as usual: SQLite connections close, workers stop
-    gc.freeze()  # what is left is torch's module state: teardown frees it without full GC passes
-
-
-def exit_quickly() -> None:
-    """Leave a process that imported torch about a second sooner.
-
-    At interpreter exit, Python's garbage collector traverses every object several times, and after
-    torch and torchvision are imported there are about a million (measured after a quickstart run:
-    1.2 to 1.4 s from the end of the command to the end of the process, about 0.4 s with this hook).
-    Called by the CLI commands that load the plugins.
-    """
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        import atexit
-
-        atexit.register(_collect_then_freeze)
-        _exit_hook_registered = True

@@ -39,6 +39,9 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
         self._collisions: dict[str, list[Entry[T]]] = {}
+        # names (or name prefixes) of plugins that are not loaded, with why: a lookup says so
+        self._unavailable: dict[str, str] = {}
+        self._unavailable_prefixes: dict[str, str] = {}
 
     def register(
         self,
@@ -59,6 +62,24 @@ class Registry(Generic[T]):
             self._collisions[name] = [self._entries.pop(name), entry]
             raise DuplicateNameError(self._collision_message(name))
         self._entries[name] = entry
+
+    def mark_unavailable(self, name: str, why: str) -> None:
+        """``name`` belongs to a plugin that is not loaded (blocked, disabled or broken); ``why`` says which."""
+        self._unavailable.setdefault(name, why)
+
+    def mark_unavailable_prefix(self, prefix: str, why: str) -> None:
+        """Every name starting with ``prefix`` (``acme:``) belongs to a plugin that is not loaded."""
+        self._unavailable_prefixes.setdefault(prefix, why)
+
+    def unavailable_reason(self, name: str) -> str | None:
+        """Why ``name`` cannot be used though a plugin would provide it, or None."""
+        if name in self._unavailable:
+            return self._unavailable[name]
+        families = [n for n in self._unavailable if n.endswith("*") and name.startswith(n[:-1])]
+        if families:
+            return self._unavailable[max(families, key=len)]
+        prefixes = [p for p in self._unavailable_prefixes if name.startswith(p)]
+        return self._unavailable_prefixes[max(prefixes, key=len)] if prefixes else None
 
     def _collision_message(self, name: str) -> str:
         plugins = " and ".join(repr(e.plugin) for e in self._collisions[name])
@@ -89,6 +110,9 @@ class Registry(Generic[T]):
         family = self._family_for(name)
         if family is not None:
             return family
+        why = self.unavailable_reason(name)
+        if why is not None:
+            raise UnknownNameError(f"{self.kind} {name!r} {why}")
         raise UnknownNameError(self._unknown_message(name))
 
     def get(self, name: str) -> T:

@@ -8,7 +8,6 @@ Python work, and the 2,000,000 per-epoch metric rows of a big store are never re
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from runner.errors import RunnerError
+from runner.files import atomic_write_bytes
 from runner.store import STATUSES, RunFilter, Store, utcnow
 
 SUMMARY_KEYS = ("id", "name", "status", "seed", "model", "strategy", "epochs_run", "best_val_accuracy", "test_accuracy", "duration_s")
@@ -349,13 +349,9 @@ def frame_json(frame: Any) -> str:
     return "[\n  " + ",\n  ".join(json.dumps(record, default=_json_default) for record in records) + "\n]"
 
 
-def render(report: Report, fmt: str, store: Store | None = None, title: str = "runner report", max_plots: int = 20) -> str | bytes:
-    """The report in ``fmt``: text for every format except parquet (bytes)."""
+def render(report: Report, fmt: str) -> str | bytes:
+    """The report's table in ``fmt``: text for every format except parquet (bytes); html is :mod:`runner.html_report`'s."""
     table = report.table
-    if fmt == "html":
-        from runner.html_report import render_html
-
-        return render_html(report, store, title=title, max_plots=max_plots)
     if fmt == "parquet":
         import io
 
@@ -405,17 +401,14 @@ def blank_missing(frame: Any) -> Any:
     return shown
 
 
-def write_atomically(path: Path, data: str | bytes) -> None:
-    """Write ``path`` through a temporary file beside it, so a failure never leaves half a file."""
+def write_output(path: Path, data: str | bytes) -> None:
+    """Write a report or figure file atomically; a problem is one line naming the file."""
     path = Path(path)
     if not path.parent.exists():
         raise ReportError(f"cannot write {path}: directory {path.parent} does not exist")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(temporary, path)
+        atomic_write_bytes(path, data)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
         raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
@@ -468,7 +461,7 @@ def plot_runs(store: Store, run_ids: Sequence[str], output: Path) -> list[str]:
 
     fmt = plot_format(output)
     run_ids = resolve_run_ids(store, run_ids)
-    write_atomically(output, figure_bytes(runs_figure(plot_data(store, run_ids)), fmt))
+    write_output(output, figure_bytes(runs_figure(plot_data(store, run_ids)), fmt))
     return run_ids
 
 
@@ -531,4 +524,4 @@ def compare_plot(store: Store, run_ids: Sequence[str], output: Path) -> None:
     from runner.plots import figure_bytes, overlay_figure
 
     fmt = plot_format(output)
-    write_atomically(output, figure_bytes(overlay_figure(plot_data(store, resolve_run_ids(store, run_ids))), fmt))
+    write_output(output, figure_bytes(overlay_figure(plot_data(store, resolve_run_ids(store, run_ids))), fmt))

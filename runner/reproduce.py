@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from runner.execute import run_experiment
+from runner.plan import stored_plan
 from runner.store import Store
+
+if TYPE_CHECKING:
+    from runner.registries import Registries
 
 VERSION_FIELDS = {"python": "python_version", "torch": "torch_version", "torchvision": "torchvision_version", "runner": "runner_version"}
 
@@ -103,17 +108,12 @@ def version_warnings(original: dict[str, Any], current: dict[str, Any]) -> list[
     return lines
 
 
-def reproduce_run(store: Store, run_id: str, quiet: bool = True, registries: Any = None) -> Reproduction:
+def reproduce_run(store: Store, run_id: str, registries: Registries, quiet: bool = True) -> Reproduction:
     """Train the run's stored resolved spec into a new run of the same store, and compare the two."""
-    from runner.execute import run_experiment
-
     original = store.run_row(run_id)
     run_id = original["id"]
-    settings = json.loads(original["settings_json"] or "{}")
-    outcome = run_experiment(
-        json.loads(original["spec_json"]), store=store, quiet=quiet, registries=registries,
-        base_dir=settings.get("spec_dir", "."),
-    )
+    original_plan = stored_plan(original, registries)
+    outcome = run_experiment(original_plan.spec, store=store, quiet=quiet, registries=registries, base_dir=original_plan.spec_dir)
     store.add_tags(outcome.run_id, [f"reproduces:{run_id}"])  # so the pair can be found later
     reproduced = store.run_row(outcome.run_id)
     epochs = store.epoch_metrics([run_id, outcome.run_id])

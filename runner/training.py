@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +11,16 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
-from runner.build import Prepared, losses, optimizers, schedulers
+from runner import feature_cache, rng
+from runner.build import RunParts
 from runner.interfaces import Stage, Strategy, TrainingContext
-from runner.models import freeze, head_names, select_trainable, set_train_mode
-from runner.performance import DEFAULT as PLAIN, Performance, of_run
-from runner.spec import EarlyStoppingSpec, Spec
+from runner.lifecycle import signals_deferred
+from runner.models import freeze, select_trainable, set_train_mode
+from runner.optim import build_loss, build_optimizer, build_scheduler, steps_on_metric
+from runner.performance import DEFAULT as PLAIN, Performance
+from runner.plan import RunPlan
+from runner.spec import EarlyStoppingSpec
+from runner.tensor_files import load_tensors, save_tensors
 
 
 class Recorder(Protocol):
@@ -25,46 +29,6 @@ class Recorder(Protocol):
     def epoch_done(self, epoch: int, metrics: dict[str, float], duration_s: float, best_epoch: int | None, best_val_accuracy: float | None) -> None: ...
 
     def checkpoint_saved(self, kind: str, epoch: int, path: Path) -> None: ...
-
-
-# ------------------------------------------------------------------------------------------
-# Optimizer, scheduler, loss
-
-
-def param_groups(model: nn.Module, stage: Stage, lr: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into head and backbone groups, the backbone at ``lr * mult``."""
-    heads = tuple(f"{h}." for h in head_names(model))
-    head, backbone = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (head if name.startswith(heads) else backbone).append(param)
-    groups = [{"params": head, "lr": lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": lr * stage.backbone_lr_mult})
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(spec: Spec, model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
-    options = spec.training.optimizer.options
-    cls = optimizers()[spec.training.optimizer.name]
-    lr = float(options.get("lr", cls.__init__.__defaults__[0] if cls.__init__.__defaults__ else 1e-3))
-    groups = param_groups(model, stage, lr)
-    if not groups:
-        raise ValueError("no parameter is trainable in this stage")
-    return cls(groups, **{k: v for k, v in options.items() if k != "lr"})
-
-
-def build_scheduler(spec: Spec, optimizer: torch.optim.Optimizer) -> Any:
-    if spec.training.scheduler is None:
-        return None
-    return schedulers()[spec.training.scheduler.name](optimizer, **spec.training.scheduler.options)
-
-
-def build_loss(spec: Spec, device: torch.device) -> nn.Module:
-    options = dict(spec.training.loss.options)
-    if isinstance(options.get("weight"), list):  # class weights given in YAML
-        options["weight"] = torch.tensor(options["weight"], dtype=torch.float32, device=device)
-    return losses()[spec.training.loss.name](**options)
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,18 +170,6 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: nn.Module, device: tor
 # Checkpoints
 
 
-def save_atomically(payload: Any, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash mid-write never leaves a corrupt checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # interrupted or failed: the previous checkpoint stays, the half file goes
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def training_state(
     epoch: int, model: nn.Module, optimizer: Any, scheduler: Any, stopper: EarlyStopping,
     history: list[dict[str, float]] | None = None, train_loader: Any = None,
@@ -227,12 +179,6 @@ def training_state(
     Only tensors and plain Python values, so that it loads with ``weights_only=True``. The train
     loader's generator state makes the shuffling of the following epochs continue as it would have.
     """
-    import random
-
-    import numpy as np
-
-    generator = getattr(train_loader, "generator", None)
-    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     return {
         "epoch": epoch,
         "model": model.state_dict(),
@@ -240,32 +186,8 @@ def training_state(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "early_stopping": stopper.state_dict(),
         "history": [dict(h) for h in history or []],
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, [int(k) for k in keys], int(position), int(has_gauss), float(cached_gauss)],
-            "python": random.getstate(),
-            "train_loader": generator.get_state() if generator is not None else None,
-        },
+        "rng": rng.global_state(train_loader),
     }
-
-
-def restore_rng(rng: dict[str, Any], train_loader: Any) -> None:
-    """Put every random number generator back as :func:`training_state` found it."""
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    kind, keys, position, has_gauss, cached_gauss = rng["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    generator = getattr(train_loader, "generator", None)
-    if generator is not None and rng.get("train_loader") is not None:
-        generator.set_state(rng["train_loader"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,12 +207,12 @@ def apply_stage(model: nn.Module, stage: Stage) -> None:
     freeze(model, select_trainable(model, stage.trainable))
 
 
-def training_context(prepared: Prepared) -> TrainingContext:
+def training_context(run_plan: RunPlan, parts: RunParts) -> TrainingContext:
     """What :meth:`Strategy.setup` sees: the model, the classes, the device and the loaders."""
     return TrainingContext(
-        model=prepared.model, num_classes=len(prepared.class_names), class_names=tuple(prepared.class_names),
-        device=prepared.device, epochs=prepared.spec.training.epochs,
-        train_loader=prepared.train_loader, val_loader=prepared.val_loader,
+        model=parts.model, num_classes=run_plan.num_classes, class_names=tuple(run_plan.data.class_names),
+        device=parts.device, epochs=run_plan.spec.training.epochs,
+        train_loader=parts.train_loader, val_loader=parts.val_loader,
     )
 
 
@@ -300,25 +222,27 @@ def strategy_metrics(strategy: Strategy, epoch: int, recorded: dict[str, float])
 
 
 def restore_training_state(
-    state: dict[str, Any], prepared: Prepared, stopper: EarlyStopping, history: list[dict[str, float]],
+    state: dict[str, Any], run_plan: RunPlan, parts: RunParts, stopper: EarlyStopping, history: list[dict[str, float]],
 ) -> tuple[Stage, Any, Any]:
     """Model, stage, optimizer, scheduler, early stopping, history and RNGs as they were after ``state['epoch']``.
 
-    The stage comes from the strategy (a function of the epoch); the RNGs are restored last, so
-    nothing done here shifts the random numbers the next epoch draws.
+    The stage comes from the strategy (a function of the epoch). A scheduler writes its starting
+    learning rate into the optimizer when it is built (OneCycleLR, warm-ups), so the optimizer's
+    state is loaded after the scheduler exists, then the scheduler's own. The RNGs are restored
+    last, so nothing done here shifts the random numbers the next epoch draws.
     """
-    spec, model = prepared.spec, prepared.model
-    stage = prepared.strategy.stage(int(state["epoch"]))
+    spec, model = run_plan.spec, parts.model
+    stage = parts.strategy.stage(int(state["epoch"]))
     apply_stage(model, stage)
     model.load_state_dict(state["model"])
     optimizer = build_optimizer(spec, model, stage)
-    optimizer.load_state_dict(state["optimizer"])
     scheduler = build_scheduler(spec, optimizer)
+    optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     stopper.load_state_dict(state["early_stopping"])
     history.extend(dict(h) for h in state["history"])
-    restore_rng(state["rng"], prepared.train_loader)
+    rng.restore_global_state(state["rng"], parts.train_loader)
     return stage, optimizer, scheduler
 
 
@@ -327,28 +251,25 @@ def early_stop_reason(stopper: EarlyStopping) -> str:
 
 
 def fit(
-    prepared: Prepared, recorder: Recorder, run_dir: Path, progress_factory: Callable[[int, str], Any] | None = None,
-    resume_from: dict[str, Any] | None = None,
+    run_plan: RunPlan, parts: RunParts, recorder: Recorder, run_dir: Path,
+    progress_factory: Callable[[int, str], Any] | None = None, resume_from: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train, validate and checkpoint epoch by epoch, then evaluate on the test split.
 
     ``resume_from`` (a run's last checkpoint, see :func:`training_state`) continues after its epoch
     exactly as the run would have gone on.
     """
-    from runner.lifecycle import signals_deferred
-
-    spec, model, device = prepared.spec, prepared.model, prepared.device
+    spec, model, device, strategy = run_plan.spec, parts.model, parts.device, parts.strategy
+    num_classes = run_plan.num_classes
     model.to(device)
-    prepared.strategy.setup(training_context(prepared))
+    strategy.setup(training_context(run_plan, parts))
     loss_fn = build_loss(spec, device)
     # what the loop feeds: the model on images, or only its head on cached backbone features
-    net, train_loader, val_loader, test_loader = model, prepared.train_loader, prepared.val_loader, prepared.test_loader
-    if prepared.settings.get("feature_cache") == "on":
-        from runner import feature_cache
-
-        cached = feature_cache.build(prepared, run_dir.parent / ".feature_cache")
+    net, train_loader, val_loader, test_loader = model, parts.train_loader, parts.val_loader, parts.test_loader
+    if run_plan.feature_cache.enabled:
+        cached = feature_cache.build(run_plan, parts, run_dir.parent / ".feature_cache")
         net, train_loader, val_loader, test_loader = cached.head, cached.train_loader, cached.val_loader, cached.test_loader
-    speed = of_run(prepared)  # AMP, memory format, torch.compile: resolved and recorded by prepare
+    speed = run_plan.performance  # AMP, memory format, torch.compile: decided by the plan
     net, scaler = speed.compiled(net), speed.new_grad_scaler(device)
     stopper = EarlyStopping.from_spec(spec.training.early_stopping)
     epochs = spec.training.epochs
@@ -360,14 +281,14 @@ def fit(
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     first_epoch = 1
     if resume_from is not None:
-        stage, optimizer, scheduler = restore_training_state(resume_from, prepared, stopper, history)
+        stage, optimizer, scheduler = restore_training_state(resume_from, run_plan, parts, stopper, history)
         first_epoch = int(resume_from["epoch"]) + 1
         if stopper.should_stop:  # it had stopped early: only the test evaluation was left
             first_epoch, stop_reason = epochs + 1, early_stop_reason(stopper)
 
     for epoch in range(first_epoch, epochs + 1):
         started = time.perf_counter()
-        next_stage = prepared.strategy.stage(epoch)
+        next_stage = strategy.stage(epoch)
         if next_stage != stage:  # a new stage freezes/unfreezes and starts a fresh optimizer
             stage = next_stage
             apply_stage(model, stage)
@@ -377,17 +298,17 @@ def fit(
         progress = progress_factory(len(train_loader), f"epoch {epoch}/{epochs}") if progress_factory else None
         train = train_one_epoch(
             net, train_loader, optimizer, loss_fn, device, spec.training.grad_clip,
-            prepared.strategy.on_batch, progress, speed=speed, scaler=scaler,
+            strategy.on_batch, progress, speed=speed, scaler=scaler,
         )
         with speed.autocast(device):
-            val = evaluate(net, val_loader, loss_fn, device, len(prepared.class_names))
+            val = evaluate(net, val_loader, loss_fn, device, num_classes)
         metrics = {"train_loss": train["loss"], "train_accuracy": train["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-        metrics.update(strategy_metrics(prepared.strategy, epoch, metrics))
+        metrics.update(strategy_metrics(strategy, epoch, metrics))
         if progress is not None:
             progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", val_acc=f"{metrics['val_accuracy']:.4f}")
             progress.close()
         if scheduler is not None:
-            scheduler.step(metrics[stopper.monitor]) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
+            scheduler.step(metrics[stopper.monitor]) if steps_on_metric(scheduler) else scheduler.step()
         history.append(metrics)
 
         # A stop signal waits until the epoch is recorded whole. The store hears of an epoch before
@@ -398,13 +319,13 @@ def fit(
             best_val = max(h["val_accuracy"] for h in history)
             recorder.epoch_done(epoch, metrics, time.perf_counter() - started, stopper.best_epoch, best_val)
             if improved:
-                save_atomically(model.state_dict(), best_path)
+                save_tensors(model.state_dict(), best_path)
                 recorder.checkpoint_saved("best", epoch, best_path)
-            save_atomically(training_state(epoch, model, optimizer, scheduler, stopper, history, prepared.train_loader), last_path)
+            save_tensors(training_state(epoch, model, optimizer, scheduler, stopper, history, parts.train_loader), last_path)
             recorder.checkpoint_saved("last", epoch, last_path)
             if spec.checkpoints.keep == "all":  # one model state dict per epoch, kept after the run
                 epoch_path = run_dir / f"epoch-{epoch:03d}.pt"
-                save_atomically(model.state_dict(), epoch_path)
+                save_tensors(model.state_dict(), epoch_path)
                 recorder.checkpoint_saved(f"epoch-{epoch:03d}", epoch, epoch_path)
         if stopper.should_stop:
             stop_reason = early_stop_reason(stopper)
@@ -412,7 +333,7 @@ def fit(
 
     restore_best = spec.training.early_stopping is not None and spec.training.early_stopping.restore_best
     if restore_best and stopper.best_epoch is not None and stopper.best_epoch != len(history):
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+        model.load_state_dict(load_tensors(best_path, f"best checkpoint {best_path}"))
     with speed.autocast(device):
-        test = evaluate(net, test_loader, loss_fn, device, len(prepared.class_names))
+        test = evaluate(net, test_loader, loss_fn, device, num_classes)
     return FitResult(epochs_run=len(history), stop_reason=stop_reason, best_epoch=stopper.best_epoch, history=history, test=test)

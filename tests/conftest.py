@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from contextlib import contextmanager
@@ -14,6 +15,32 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = Path(__file__).resolve().parent / "specs"
 TINY_SPEC = SPECS / "tiny.yaml"
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_registries() -> Any:
+    """The built-in plugins only, loaded once: tests must not depend on which other plugins are installed."""
+    from runner.registries import load_registries
+
+    previous = os.environ.get("RUNNER_DISABLE_PLUGINS")
+    os.environ["RUNNER_DISABLE_PLUGINS"] = "1"
+    try:
+        return load_registries()
+    finally:
+        if previous is None:
+            os.environ.pop("RUNNER_DISABLE_PLUGINS", None)
+        else:
+            os.environ["RUNNER_DISABLE_PLUGINS"] = previous
+
+
+def plan_and_build(spec: Any, registries: Any = None, **plan_options: Any) -> tuple[Any, Any]:
+    """A spec's plan and the parts a run trains with (seeded as a run is), for tests of what lies between."""
+    from runner.execute import setup
+    from runner.plan import plan
+
+    registries = registries or builtin_registries()
+    run_plan = plan(spec, registries, **plan_options)
+    return run_plan, setup(run_plan, registries)
 
 
 @dataclass
@@ -78,6 +105,15 @@ def torch_home_at(directory: Path) -> Iterator[None]:
             os.environ["TORCH_HOME"] = previous
 
 
+def copy_store(source: Path, target: Path) -> Path:
+    """A private copy of an SQLite store (its checkpoints stay where they are), e.g. for commands that write."""
+    import sqlite3
+
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    return target
+
+
 @dataclass
 class TrainedRun:
     db: Path
@@ -92,5 +128,5 @@ def trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
 
     directory = tmp_path_factory.mktemp("trained")
     with torch_home_at(directory):
-        outcome = run_experiment(TINY_SPEC, store=Store(directory / "results.db"))
+        outcome = run_experiment(TINY_SPEC, store=Store(directory / "results.db"), registries=builtin_registries())
     return TrainedRun(directory / "results.db", outcome.run_id)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_SPEC
+from conftest import ROOT, TINY_SPEC, builtin_registries, plan_and_build
 
 PY = sys.executable
 
@@ -47,7 +47,7 @@ def test_distribution_installs_runner_and_its_console_script_but_no_generic_top_
 
 
 def test_builtins_register_through_the_hooks_and_lists_are_sorted() -> None:
-    from runner.plugins import load_registries
+    from runner.registries import load_registries
 
     registries = load_registries()
     assert registries.problems == []
@@ -60,7 +60,7 @@ def test_builtins_register_through_the_hooks_and_lists_are_sorted() -> None:
 
 
 def test_blocking_a_builtin_plugin_removes_its_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runner.plugins import load_registries
+    from runner.registries import load_registries
 
     monkeypatch.setenv("RUNNER_BLOCK_PLUGINS", "runner.plugins.strategies")
     registries = load_registries()
@@ -73,7 +73,7 @@ def test_unknown_names_suggest_the_closest_and_duplicates_name_both_plugins() ->
 
     from runner import hookspecs
     from runner.errors import DuplicateNameError, UnknownNameError
-    from runner.plugins import load_registries
+    from runner.registries import load_registries
     from runner.registry import Registry
 
     registry: Registry[int] = Registry("model")
@@ -176,7 +176,7 @@ def test_torchvision_backbone_gets_its_final_layer_sized_for_num_classes() -> No
     import torch
 
     from runner.interfaces import ModelRequest
-    from runner.plugins import load_registries
+    from runner.registries import load_registries
 
     model = load_registries().models.get("torchvision:resnet18")(ModelRequest(name="torchvision:resnet18", num_classes=3))
     assert model.fc.out_features == 3
@@ -209,15 +209,13 @@ def test_bundled_digits_split_is_seeded_stratified_and_filtered() -> None:
 
 
 def test_class_filter_and_rgb_expansion_for_a_torchvision_model(tmp_path: Path) -> None:
-    from runner.build import prepare
-    from runner.plugins import load_registries
     from runner.spec import load_spec
 
     spec = load_spec(TINY_SPEC, ["data.classes=[3, 8]", "model.name=torchvision:resnet18", "model.options={}", "data.train_per_class=8"])
-    prepared = prepare(spec, load_registries())
-    assert prepared.class_names == ["3", "8"] and prepared.spec.model.num_classes == 2
-    assert prepared.settings["rgb_expanded"] and prepared.input_shape == (3, 28, 28)
-    images, labels = next(iter(prepared.train_loader))
+    run_plan, parts = plan_and_build(spec)
+    assert list(run_plan.data.class_names) == ["3", "8"] and run_plan.spec.model.num_classes == 2
+    assert run_plan.data.rgb_expanded and run_plan.data.input_shape == (3, 28, 28)
+    images, labels = next(iter(parts.train_loader))
     assert images.shape[1:] == (3, 28, 28) and set(labels.tolist()) <= {0, 1}
 
 
@@ -256,18 +254,16 @@ def test_image_folder_and_torchvision_datasets_by_name(tmp_path: Path, run_cli, 
 def test_training_and_evaluation_transforms_are_composed_separately(tmp_path: Path) -> None:
     import torch
 
-    from runner.build import prepare
-    from runner.plugins import load_registries
     from runner.spec import load_spec
 
     spec = load_spec(TINY_SPEC, ["transforms.train=[{name: ToImage}, {name: RandomRotation, degrees: 30}, {name: ToDtype, dtype: float32, scale: true}, {name: Resize, size: 20}]"])
-    prepared = prepare(spec, load_registries())
-    assert [s.name for s in prepared.spec.transforms.eval] == ["ToImage", "ToDtype", "Resize"]
-    assert prepared.input_shape == (1, 20, 20)
-    train_a = next(iter(prepared.train_loader))[0]
+    run_plan, parts = plan_and_build(spec)
+    assert [s.name for s in run_plan.spec.transforms.eval] == ["ToImage", "ToDtype", "Resize"]
+    assert run_plan.data.input_shape == (1, 20, 20)
+    train_a = next(iter(parts.train_loader))[0]
     assert train_a.dtype == torch.float32 and train_a.shape[-1] == 20
-    val_1 = next(iter(prepared.val_loader))[0]
-    val_2 = next(iter(prepared.val_loader))[0]
+    val_1 = next(iter(parts.val_loader))[0]
+    val_2 = next(iter(parts.val_loader))[0]
     assert torch.equal(val_1, val_2)  # evaluation has no random step
 
 
@@ -292,7 +288,7 @@ def test_optimizers_schedulers_losses_and_clipping_train(overrides: list[str], t
     from runner.store import Store
 
     store = Store(tmp_path / "r.db")
-    outcome = run_experiment(TINY_SPEC, overrides, store=store)
+    outcome = run_experiment(TINY_SPEC, overrides, store=store, registries=builtin_registries())
     details = run_details(store, outcome.run_id)
     assert details["status"] == "completed"
     assert details["epochs"][-1]["train_loss"] < details["epochs"][0]["train_loss"]
@@ -302,7 +298,7 @@ def test_optimizers_schedulers_losses_and_clipping_train(overrides: list[str], t
 def test_deterministic_flag_turns_on_torch_deterministic_algorithms() -> None:
     import torch
 
-    from runner.build import seed_everything
+    from runner.rng import seed_everything
 
     seed_everything(0, deterministic=True)
     assert torch.are_deterministic_algorithms_enabled()
@@ -397,7 +393,7 @@ def test_failure_during_training_marks_the_run_failed_keeps_metrics_and_exits_1(
         "def fragile(**kwargs):\n"
         "    return Fragile()\n"
     )
-    spec = _spec(tmp_path, TINY_SPEC.read_text().replace("name: cnn", f"name: hub-local:{hub}/fragile"))
+    spec = _spec(tmp_path, TINY_SPEC.read_text().replace("name: cnn", f"name: hub-local:{hub}/fragile\n  trust_repo: true"))
     result = run_cli("run", spec, "--db", db, "-q")
     assert result.exit_code == 1 and "exploded in epoch 2" in result.err
     rows = run_cli("runs", "--db", db, "--format", "json").json()

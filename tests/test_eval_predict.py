@@ -6,16 +6,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import builtin_registries, copy_store
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
-
-
-def copy_store(source: Path, target: Path) -> Path:
-    """A private copy of a store (its checkpoints stay where they are): eval writes evaluations."""
-    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
-        src.backup(dst)
-    return target
 
 
 def stored(db: Path, sql: str, *args: object) -> list[tuple]:
@@ -119,7 +113,7 @@ def quickstart_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("quickstart")
     store = Store(directory / "results.db")
     overrides = ["training.epochs=2", "training.optimizer.lr=0.003", "device=cpu"]
-    outcome = run_experiment(QUICKSTART, overrides, store=store)
+    outcome = run_experiment(QUICKSTART, overrides, store=store, registries=builtin_registries())
     return directory / "results.db", outcome.run_id
 
 

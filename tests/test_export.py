@@ -36,7 +36,7 @@ def export(run_cli, run, fmt, output):
 
 
 def check_sidecar(path, fmt, loaded):
-    from runner.build import sha256_file
+    from runner.files import sha256_file
 
     sidecar = json.loads(path.with_name(path.name + ".json").read_text())
     assert sidecar["format"] == fmt

@@ -62,9 +62,17 @@ def test_a_second_signal_inside_a_deferred_block_does_not_wait() -> None:
 
 
 def test_a_late_signal_is_dropped_where_the_run_is_already_finishing() -> None:
-    with stop_on_signals(), signals_deferred(raise_after=False):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)
+    done = []
+    with stop_on_signals():
+        with signals_deferred(raise_after=False):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            done.append("finished")
+        done.append("after the block")  # the dropped signal raised nothing here
+        with signals_deferred():
+            time.sleep(0.05)
+            done.append("a later block")  # and it is not remembered for the next deferred block
+    assert done == ["finished", "after the block", "a later block"]
 
 
 def test_the_heartbeat_beats_from_another_thread_until_the_block_ends() -> None:

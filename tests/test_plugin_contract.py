@@ -19,7 +19,7 @@ import torch
 
 from runner import hookspecs, plugin_api
 from runner.hookspecs import hookimpl, hookspec
-from runner.plugins import PluginManager, get_plugin_manager, load_registries
+from runner.registries import PluginManager, get_plugin_manager, load_registries
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "plugins.md"
@@ -228,29 +228,29 @@ def spec(**changes: Any) -> Any:
 
 
 def test_hook_runner_register_models(contract: SimpleNamespace) -> None:
-    from runner.build import build_model
+    from runner.models import build_model
 
     entry = contract.registries.models.entry("contract:mlp")
     assert entry.plugin == "contract"
     the_spec = spec()
     the_spec.model.num_classes = 2
-    model, replaced, weights = build_model(the_spec, contract.registries, (1, 12, 12))
+    model, replaced = build_model(the_spec, contract.registries, (1, 12, 12))
     assert model(torch.zeros(3, 1, 12, 12)).shape == (3, 2)
-    assert replaced == ["3"] and weights is None  # the runner found the plugin model's head
+    assert replaced == ["3"]  # the runner found the plugin model's head
 
 
 def test_hook_runner_register_datasets(contract: SimpleNamespace) -> None:
-    from runner.build import load_dataset
+    from runner.data import load_data
 
-    dataset, targets, label_map, class_names = load_dataset(spec(), contract.registries, ".")
-    assert isinstance(dataset, plugin_api.LabelledImages)
-    assert len(dataset) == 60 and class_names == ["horizontal", "vertical"] and label_map == {0: 0, 1: 1}
-    assert targets.tolist()[:4] == [0, 1, 0, 1]
+    data = load_data(spec(), contract.registries, ".")
+    assert isinstance(data.dataset, plugin_api.LabelledImages)
+    assert len(data.dataset) == 60 and data.class_names == ["horizontal", "vertical"] and data.label_map == {0: 0, 1: 1}
+    assert data.targets.tolist()[:4] == [0, 1, 0, 1]
 
 
 def test_hook_runner_register_transforms(contract: SimpleNamespace) -> None:
-    from runner.build import build_transform, is_random
     from runner.spec import TransformStep
+    from runner.transforms import build_transform, is_random
 
     steps = [TransformStep(name="contract:Invert"), TransformStep(name="ToImage")]
     transform = build_transform(contract.registries, steps, "transforms.train")
@@ -260,7 +260,7 @@ def test_hook_runner_register_transforms(contract: SimpleNamespace) -> None:
 
 
 def test_hook_runner_register_strategies(contract: SimpleNamespace) -> None:
-    from runner.build import build_strategy
+    from runner.plan import build_strategy
 
     strategy = build_strategy(spec(training={**CONTRACT_SPEC["training"], "strategy": {"name": "contract:head_then_all", "head_epochs": 3}}),
                               contract.registries)

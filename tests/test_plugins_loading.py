@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 
 from runner.errors import DuplicateNameError
-from runner.plugins import load_registries
+from runner.registries import load_registries
 
 TINY_MODEL_SPEC = """
 name: {name}
@@ -194,8 +194,31 @@ def test_spec_needing_a_broken_plugin_fails_in_one_line_after_the_warning(instal
     assert result.exit_code == 2
     assert result.err.splitlines() == [
         "warning: plugin 'acme' failed while importing: ImportError: needs libacme",
-        "error: model.name: unknown model 'acme:linear' (`runner plugins` lists them)",
+        "error: model.name: model 'acme:linear' comes from plugin 'acme', which failed to load",
     ]
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "export", "summary"])
+def test_every_command_that_loads_plugins_warns_about_a_broken_one(
+    install: Callable[..., str], run_cli: Any, trained_tiny_run: Any, tmp_path: Path, command: str,
+) -> None:
+    from PIL import Image
+
+    from conftest import TINY_SPEC, copy_store
+
+    install("broken", "raise ImportError('needs libacme')")
+    db = copy_store(trained_tiny_run.db, tmp_path / "copy.db")
+    image = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(image)
+    args = {
+        "eval": ["eval", trained_tiny_run.run_id, "--db", db],
+        "predict": ["predict", trained_tiny_run.run_id, image, "--db", db],
+        "export": ["export", trained_tiny_run.run_id, "--format", "state_dict", "-o", tmp_path / "model.pt", "--db", db],
+        "summary": ["summary", TINY_SPEC],
+    }[command]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.err
+    assert result.err.splitlines()[0] == "warning: plugin 'broken' failed while importing: ImportError: needs libacme"
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_SPEC, torch_home_at
+from tests.conftest import TINY_SPEC, builtin_registries, torch_home_at
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONTRACT_KEYS = {"id", "name", "status", "seed", "model", "strategy", "epochs_run", "best_val_accuracy", "test_accuracy", "duration_s"}
@@ -39,8 +39,8 @@ def seed_store(tmp_path_factory: pytest.TempPathFactory) -> SeedStore:
     directory = tmp_path_factory.mktemp("seeds")
     with torch_home_at(directory):
         store = Store(directory / "results.db")
-        seed_ids = [run_experiment(TINY_SPEC, [f"seed={seed}"], store=store).run_id for seed in (0, 1, 2)]
-        short_id = run_experiment(TINY_SPEC, [f"name={SHORT_NAME}", "training.epochs=1"], store=store).run_id
+        seed_ids = [run_experiment(TINY_SPEC, [f"seed={seed}"], store=store, registries=builtin_registries()).run_id for seed in (0, 1, 2)]
+        short_id = run_experiment(TINY_SPEC, [f"name={SHORT_NAME}", "training.epochs=1"], store=store, registries=builtin_registries()).run_id
     return SeedStore(directory / "results.db", seed_ids, short_id)
 
 

@@ -5,11 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-
-def copy_store(source: Path, target: Path) -> Path:
-    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
-        src.backup(dst)
-    return target
+from conftest import copy_store
 
 
 def test_reproduce_says_identical_then_names_a_changed_metric(run_cli, trained_tiny_run, tmp_path):

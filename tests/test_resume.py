@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from runner.store import Store
+from conftest import builtin_registries
 
 SPEC = Path(__file__).resolve().parent / "specs" / "resume.yaml"
 EPOCHS = 4
@@ -41,7 +42,7 @@ def uninterrupted(one_thread: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     from runner.reports import run_details
 
     store = Store(tmp_path_factory.mktemp("uninterrupted") / "results.db")
-    outcome = run_experiment(SPEC, store=store)
+    outcome = run_experiment(SPEC, store=store, registries=builtin_registries())
     return run_details(store, outcome.run_id)
 
 
@@ -81,7 +82,7 @@ def checkpoint_of_epoch_fails(epoch: int) -> Iterator[None]:
     """Inside, writing the last checkpoint of ``epoch`` fails as on a full disk."""
     from runner import training
 
-    real_save = training.save_atomically
+    real_save = training.save_tensors
 
     def disk_full(payload: Any, path: Path) -> None:
         if path.name == "last.pt" and payload["epoch"] == epoch:
@@ -89,7 +90,7 @@ def checkpoint_of_epoch_fails(epoch: int) -> Iterator[None]:
         real_save(payload, path)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "save_atomically", disk_full)
+        patch.setattr(training, "save_tensors", disk_full)
         yield
 
 
@@ -243,10 +244,10 @@ def test_last_checkpoint_holds_everything_a_resume_needs_and_loads_weights_only(
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from runner import training
+    from runner.tensor_files import save_tensors
 
     path = tmp_path / "last.pt"
-    training.save_atomically({"epoch": 1, "w": torch.ones(3)}, path)
+    save_tensors({"epoch": 1, "w": torch.ones(3)}, path)
 
     def crash_half_way(payload: Any, target: Any) -> None:
         Path(target).write_bytes(b"PK\x03\x04 half a zip")
@@ -254,7 +255,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_p
 
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(torch, "save", crash_half_way)
-        training.save_atomically({"epoch": 2, "w": torch.zeros(3)}, path)
+        save_tensors({"epoch": 2, "w": torch.zeros(3)}, path)
 
     kept = torch.load(path, weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(3))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import ROOT, TINY_SPEC
+from conftest import ROOT, TINY_SPEC, builtin_registries, plan_and_build
 
 EXPERIMENTS = ROOT / "experiments"
 
@@ -113,8 +113,7 @@ def test_a_surgery_path_that_does_not_exist_is_a_spec_error(tmp_path: Path, run_
 def test_named_torchvision_weights_load_from_torch_home_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from runner.build import prepare, sha256_file
-    from runner.plugins import load_registries
+    from runner.files import sha256_file
     from runner.spec import load_spec
 
     def no_network(*args, **kwargs):
@@ -129,11 +128,11 @@ def test_named_torchvision_weights_load_from_torch_home_without_network(tmp_path
     torch.save(reference, cache / Path(weights.url).name)  # the file name torchvision expects
 
     spec = load_spec(TINY_SPEC, ["model.name=torchvision:resnet18", "model.options={}", "model.weights=IMAGENET1K_V1", "data.train_per_class=4"])
-    prepared = prepare(spec, load_registries())
-    loaded = prepared.model.state_dict()
+    run_plan, parts = plan_and_build(spec)
+    loaded = parts.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in reference.items() if not k.startswith("fc."))
-    assert prepared.weights.source == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
-    assert prepared.weights.sha256 == sha256_file(cache / Path(weights.url).name)
+    assert run_plan.weights.source == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert run_plan.weights.sha256 == sha256_file(cache / Path(weights.url).name)
 
 
 def test_missing_weights_offline_fail_fast_naming_the_file_and_where_to_put_it(run_cli, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,7 +185,7 @@ def test_head_only_leaves_every_backbone_tensor_bit_identical(cache: str, tmp_pa
 
     store = Store(tmp_path / "r.db")
     overrides = [*SMALL_VGG, f"model.weights={{file: {weights}}}", "training.strategy={name: head_only}", f"training.feature_cache={cache}"]
-    outcome = run_experiment(TINY_SPEC, overrides, store=store)
+    outcome = run_experiment(TINY_SPEC, overrides, store=store, registries=builtin_registries())
     details = run_details(store, outcome.run_id)
     assert details["settings"]["feature_cache"] == ("on" if cache == "auto" else "off: switched off in the spec")
     assert details["params"]["trainable"] == 512 * 3 + 3
@@ -205,18 +204,19 @@ def test_feature_cache_gives_the_same_metrics_and_is_reused(tmp_path: Path) -> N
 
     store = Store(tmp_path / "r.db")
     overrides = [*SMALL_VGG, "training.strategy={name: head_only}", "training.epochs=3"]
-    cached = run_details(store, run_experiment(TINY_SPEC, overrides, store=store).run_id)
-    plain = run_details(store, run_experiment(TINY_SPEC, [*overrides, "training.feature_cache=off"], store=store).run_id)
+    cached = run_details(store, run_experiment(TINY_SPEC, overrides, store=store, registries=builtin_registries()).run_id)
+    plain = run_details(store, run_experiment(TINY_SPEC, [*overrides, "training.feature_cache=off"], store=store, registries=builtin_registries()).run_id)
     assert cached["settings"]["feature_cache"] == "on"
+    assert len(cached["epochs"]) == len(plain["epochs"]) == 3
     for a, b in zip(cached["epochs"], plain["epochs"]):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
     assert abs(cached["test"]["accuracy"] - plain["test"]["accuracy"]) < 1e-4
     assert len(list((tmp_path / "runs" / ".feature_cache").glob("*.pt"))) == 1
-    again = run_details(store, run_experiment(TINY_SPEC, overrides, store=store).run_id)
+    again = run_details(store, run_experiment(TINY_SPEC, overrides, store=store, registries=builtin_registries()).run_id)
     assert again["epochs"] == cached["epochs"]
     assert len(list((tmp_path / "runs" / ".feature_cache").glob("*.pt"))) == 1
 
-    augmented = run_experiment(TINY_SPEC, [*overrides, "transforms.train=[{name: ToImage}, {name: RandomCrop, size: 28, padding: 2}, {name: Resize, size: 32}, {name: ToDtype, dtype: float32, scale: true}]", "training.epochs=1"], store=store)
+    augmented = run_experiment(TINY_SPEC, [*overrides, "transforms.train=[{name: ToImage}, {name: RandomCrop, size: 28, padding: 2}, {name: Resize, size: 32}, {name: ToDtype, dtype: float32, scale: true}]", "training.epochs=1"], store=store, registries=builtin_registries())
     assert run_details(store, augmented.run_id)["settings"]["feature_cache"] == "off: the training transforms are random"
 
 
@@ -241,7 +241,7 @@ def test_discriminative_learning_rates_and_gradual_unfreezing(tmp_path: Path) ->
     from runner.plugins.strategies import Gradual
     from runner.reports import run_details
     from runner.store import Store
-    from runner.training import param_groups
+    from runner.optim import param_groups
 
     resnet = torchvision.models.resnet18(weights=None)
     groups = param_groups(resnet, Stage("all", backbone_lr_mult=0.1), lr=1e-2)
@@ -259,7 +259,7 @@ def test_discriminative_learning_rates_and_gradual_unfreezing(tmp_path: Path) ->
     weights = tmp_path / "init.pt"
     torch.save(init.state_dict(), weights)
     store = Store(tmp_path / "r.db")
-    outcome = run_experiment(TINY_SPEC, [f"model.weights={{file: {weights}}}", "training.strategy={name: gradual, stages: [{epochs: 1, train: head}, {train: all, lr_mult: 0.1}]}", "checkpoints={keep: all}", "training.feature_cache=off"], store=store)
+    outcome = run_experiment(TINY_SPEC, [f"model.weights={{file: {weights}}}", "training.strategy={name: gradual, stages: [{epochs: 1, train: head}, {train: all, lr_mult: 0.1}]}", "checkpoints={keep: all}", "training.feature_cache=off"], store=store, registries=builtin_registries())
     details = run_details(store, outcome.run_id)
     after_1 = torch.load(details["checkpoints"]["epoch-001"]["path"], weights_only=True)
     after_2 = torch.load(details["checkpoints"]["epoch-002"]["path"], weights_only=True)
@@ -284,18 +284,16 @@ def test_early_stopping_counts_patience_with_min_delta() -> None:
 
 def test_early_stopping_stops_on_a_plateau_and_restores_the_best_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import runner.training as training
-    from runner.build import prepare
-    from runner.plugins import load_registries
     from runner.spec import load_spec
 
     spec = load_spec(TINY_SPEC, ["training.epochs=8", "training.early_stopping={monitor: val_loss, patience: 2}"])
-    prepared = prepare(spec, load_registries())
+    run_plan, parts = plan_and_build(spec)
     scripted = iter([0.9, 0.5, 0.5, 0.6])  # improves until epoch 2, then a plateau
     real_evaluate = training.evaluate
 
     def evaluate(model, loader, loss_fn, device, num_classes):
         result = real_evaluate(model, loader, loss_fn, device, num_classes)
-        if loader is prepared.val_loader:
+        if loader is parts.val_loader:
             result["loss"] = next(scripted)
         return result
 
@@ -305,12 +303,12 @@ def test_early_stopping_stops_on_a_plateau_and_restores_the_best_weights(tmp_pat
         def epoch_done(self, *args, **kwargs): pass
         def checkpoint_saved(self, *args, **kwargs): pass
 
-    result = training.fit(prepared, Recorder(), tmp_path / "run")
+    result = training.fit(run_plan, parts, Recorder(), tmp_path / "run")
     assert result.epochs_run == 4 and result.best_epoch == 2
     assert result.stop_reason == "early stopping: val_loss did not improve for 2 epochs"
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
-    final = prepared.model.state_dict()
+    final = parts.model.state_dict()
     assert all(torch.equal(final[k].cpu(), best[k]) for k in best)
     assert not all(torch.equal(last[k], best[k]) for k in best)
 
@@ -328,7 +326,8 @@ def test_hub_local_loads_and_github_hub_needs_trust_before_any_download(tmp_path
         "    '''A two-layer MLP for 28x28 images.'''\n"
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1000))\n"
     )
-    result = run_cli("run", TINY_SPEC, "--db", db, "-q", "--set", f"model.name=hub-local:{hub}/tiny_mlp", "--set", "model.options={hidden: 16}")
+    result = run_cli("run", TINY_SPEC, "--db", db, "-q", "--set", f"model.name=hub-local:{hub}/tiny_mlp", "--set", "model.options={hidden: 16}",
+                     "--set", "model.trust_repo=true")
     assert result.exit_code == 0, result.err
     shown = run_cli("show", result.out.strip(), "--db", db, "--format", "json").json()
     assert shown["status"] == "completed" and shown["params"]["total"] == 784 * 16 + 16 + 16 * 3 + 3

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from runner.errors import RunnerError, SpecError
 from runner.hookspecs import hookimpl
-from runner.interfaces import ModelRequest
+from runner.interfaces import ModelRequest, NamedWeights
 
 DEFAULT_CNN_LAYERS: list[Any] = [
     {"type": "Conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
@@ -55,7 +55,24 @@ def _torchvision_builder(model_name: str) -> Callable[[ModelRequest], Any]:
         replace_head(model, request.num_classes)
         return model
 
+    def named_weights(name: str) -> NamedWeights:
+        weights = resolve_torchvision_weights(model_name, name)
+        path = weights_cache_path(weights)
+
+        def fetch() -> None:
+            ensure_weights_file(weights)  # offline: one line naming the file and where to put it
+            weights.get_state_dict(progress=True)  # downloads into $TORCH_HOME/hub/checkpoints
+
+        return NamedWeights(name=weights.name, source=f"torchvision:{weights}", path=str(path), fetch=fetch)
+
+    def weights_names() -> list[str]:
+        import torchvision
+
+        return [w.name for w in torchvision.models.get_model_weights(model_name)]
+
     build.__doc__ = f"torchvision.models.{model_name} with its head sized for num_classes"
+    build.named_weights = named_weights  # type: ignore[attr-defined]
+    build.weights_names = weights_names  # type: ignore[attr-defined]
     return build
 
 
@@ -103,6 +120,12 @@ def _parse_hub_name(name: str, prefix: str) -> tuple[str, str]:
     return repo, entry
 
 
+def require_trust(request: ModelRequest, code: str) -> None:
+    """torch.hub runs the repository's ``hubconf.py``: only with the spec's explicit trust."""
+    if not request.trust_repo:
+        raise SpecError(f"model.name: {request.name} would run {code}; set model.trust_repo: true if you trust that repository")
+
+
 def build_hub(request: ModelRequest) -> Any:
     """``hub:<owner>/<repo>[:<ref>]/<entry>``: a torch.hub model from GitHub, only with ``trust_repo``."""
     import torch
@@ -110,15 +133,14 @@ def build_hub(request: ModelRequest) -> Any:
     from runner.models import replace_head
 
     repo, entry = _parse_hub_name(request.name, "hub:")
-    if not request.trust_repo:
-        raise SpecError(f"model.name: {request.name} runs code from {repo}; set model.trust_repo: true to allow it")
+    require_trust(request, "code downloaded from GitHub")
     model = torch.hub.load(repo, entry, source="github", trust_repo=True, **request.options)
     replace_head(model, request.num_classes)
     return model
 
 
 def build_hub_local(request: ModelRequest) -> Any:
-    """``hub-local:<dir>/<entry>``: an entry point of a local ``hubconf.py``."""
+    """``hub-local:<dir>/<entry>``: an entry point of a local ``hubconf.py``, only with ``trust_repo`` (it runs that file)."""
     import torch
 
     from runner.models import replace_head
@@ -126,6 +148,7 @@ def build_hub_local(request: ModelRequest) -> Any:
     directory, entry = _parse_hub_name(request.name, "hub-local:")
     if not (Path(directory) / "hubconf.py").is_file():
         raise SpecError(f"model.name: no hubconf.py in {directory}")
+    require_trust(request, f"the code in {Path(directory) / 'hubconf.py'}")
     model = torch.hub.load(directory, entry, source="local", **request.options)
     replace_head(model, request.num_classes)
     return model

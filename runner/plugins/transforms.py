@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from runner.errors import SpecError
 from runner.hookspecs import hookimpl
+from runner.transforms import GrayscaleToRgb
 
 # v2 transforms whose output is random although their names do not start with "Random"
 _RANDOM_V2 = {
@@ -35,18 +36,6 @@ def _v2_builder(cls: type) -> Callable[..., Any]:
     build.target = cls  # type: ignore[attr-defined]  # for argument checking
     build.random = cls.__name__.startswith("Random") or cls.__name__ in _RANDOM_V2  # type: ignore[attr-defined]
     return build
-
-
-class GrayscaleToRgb:
-    """Repeat a single channel three times, for models pretrained on RGB images."""
-
-    random = False
-
-    def __call__(self, image: Any) -> Any:
-        return image.expand(*image.shape[:-3], 3, *image.shape[-2:]) if image.shape[-3] == 1 else image
-
-    def __repr__(self) -> str:
-        return "GrayscaleToRgb()"
 
 
 def weights_preset(model: str, weights: str = "DEFAULT") -> Any:

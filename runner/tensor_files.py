@@ -1,0 +1,56 @@
+"""Reading PyTorch files safely: ``torch.load(weights_only=True)`` always, never retried unsafely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.errors import RunnerError, SpecError
+from runner.files import atomic_write
+
+
+def unsafe_load_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words that do not invite an unsafe retry."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        # torch's first paragraph suggests weights_only=False; the useful line names what was refused
+        detail = next((line.strip() for line in text.splitlines()[1:] if "GLOBAL" in line or "Unsupported" in line), "")
+        return ("refused: it holds pickled code or objects other than tensors, and is only ever loaded with "
+                f"weights_only=True{f' ({detail[:160]})' if detail else ''}")
+    first = text.splitlines()[0][:160] if text else ""
+    return f"cannot be read as a PyTorch file ({type(exc).__name__}{f': {first}' if first else ''})"
+
+
+def load_tensors(path: Path, what: str, error: type[RunnerError] = RunnerError) -> Any:
+    """The content of a file written by ``torch.save``, loaded on the CPU with ``weights_only=True``.
+
+    ``what`` names the file in the one-line error (``checkpoint /x/last.pt``).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise error(f"{what} not found") from None
+    except Exception as exc:  # UnpicklingError for pickled code; RuntimeError for non-torch files
+        raise error(f"{what} {unsafe_load_reason(exc)}") from None
+
+
+def load_state_dict_file(path: Path, source: str) -> dict[str, torch.Tensor]:
+    """A state dict from a weights file or a runner checkpoint (its ``model`` entry)."""
+    if not path.is_file():
+        raise SpecError(f"weights file not found: {path}")
+    state = load_tensors(path, f"weights {source}", SpecError)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a runner checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SpecError(f"weights {source} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def save_tensors(payload: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`runner.files.atomic_write`)."""
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+__all__ = ["unsafe_load_reason", "load_tensors", "load_state_dict_file", "save_tensors"]
