@@ -41,12 +41,12 @@ def check_tags(tags: Sequence[str]) -> list[str]:
 
 def tag_run(store: Store, run_id: str, add: Sequence[str] = (), remove: Sequence[str] = ()) -> list[str]:
     """Add and remove tags of a run; its tags afterwards."""
-    run_id = store.resolve_run_id(run_id)
+    run_id = store.query.resolve_run_id(run_id)
     if add:
-        store.add_tags(run_id, check_tags(add))
+        store.manage.add_tags(run_id, check_tags(add))
     if remove:
-        store.remove_tags(run_id, list(remove))
-    return store.tags([run_id]).get(run_id, [])
+        store.manage.remove_tags(run_id, list(remove))
+    return store.query.tags([run_id]).get(run_id, [])
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,16 +101,16 @@ def apply_retention(store: Store, run_id: str, keep: str) -> tuple[int, int]:
     A file that cannot be removed (permissions) keeps its row and is reported on stderr: the run
     stays usable either way.
     """
-    records = store.checkpoints(run_id)
+    records = store.query.checkpoints(run_id)
     removed = freed = 0
     for kind in checkpoints_to_remove(sorted(records), keep):
-        path = Path(records[kind]["path"])
+        path = records[kind]["path"]
         try:
             freed += _remove_file(path)
         except OSError as exc:
             print(f"warning: cannot remove {path}: {exc.strerror or exc}", file=sys.stderr)
             continue
-        store.remove_checkpoint(run_id, kind)
+        store.manage.remove_checkpoint(run_id, kind)
         removed += 1
     return removed, freed
 
@@ -144,8 +144,8 @@ def prune_candidates(store: Store, keep: str, older_than: str | None = None, now
     """
     cutoff = (now or utcnow()) - parse_age(older_than) if older_than else None
     candidates = {}
-    for run_id in store.completed_runs(ended_before=cutoff):
-        kinds = checkpoints_to_remove(sorted(store.checkpoints(run_id)), keep)
+    for run_id in store.query.completed_runs(ended_before=cutoff):
+        kinds = checkpoints_to_remove(sorted(store.query.checkpoints(run_id)), keep)
         if kinds:
             candidates[run_id] = kinds
     return candidates
@@ -154,12 +154,12 @@ def prune_candidates(store: Store, keep: str, older_than: str | None = None, now
 def prune(store: Store, keep: str = "best", older_than: str | None = None, dry_run: bool = False) -> PruneResult:
     """Apply a retention policy to old completed runs; how many files and bytes it freed."""
     candidates = prune_candidates(store, keep, older_than)
-    result = PruneResult(keep=keep, runs_considered=len(store.completed_runs()), dry_run=dry_run)
+    result = PruneResult(keep=keep, runs_considered=len(store.query.completed_runs()), dry_run=dry_run)
     for run_id, kinds in candidates.items():
-        records = store.checkpoints(run_id)
+        records = store.query.checkpoints(run_id)
         if dry_run:
             result.files_removed += len(kinds)
-            result.bytes_freed += sum(_size(Path(records[k]["path"])) for k in kinds)
+            result.bytes_freed += sum(_size(records[k]["path"]) for k in kinds)
         else:
             removed, freed = apply_retention(store, run_id, keep)
             result.files_removed += removed
@@ -184,18 +184,18 @@ def delete_plan(store: Store, run_ids: Sequence[str], force: bool = False) -> De
     ids: list[str] = []
     paths: list[Path] = []
     for given in run_ids:
-        row = store.run_row(given)
+        row = store.query.run_row(given)
         if row["status"] == "running" and not force:
             raise ManageError(f"run {row['id']} is running; stop it first (or pass --force if its process is gone)")
         if row["id"] in ids:
             continue
         ids.append(row["id"])
-        directory = Path(row["artifacts_dir"]) if row["artifacts_dir"] else store.run_dir(row["id"])
+        directory = store.artifacts_dir(row)
         own = directory if directory.name == row["id"] else None  # never a shared directory a row might name
         if own is not None:
             paths.append(own)
-        for record in store.checkpoints(row["id"]).values():
-            path = Path(record["path"])
+        for record in store.query.checkpoints(row["id"]).values():
+            path = record["path"]
             if (own is None or own not in path.parents) and path not in paths:
                 paths.append(path)
     total = sum(directory_bytes(p) if p.is_dir() else _size(p) for p in paths)
@@ -204,7 +204,7 @@ def delete_plan(store: Store, run_ids: Sequence[str], force: bool = False) -> De
 
 def delete_runs(store: Store, plan: DeletePlan) -> int:
     """Delete the planned runs' rows (one transaction), then their files; the bytes freed."""
-    store.delete_runs(plan.run_ids)
+    store.manage.delete_runs(plan.run_ids)
     freed = 0
     for path in plan.paths:
         if path.is_dir():

@@ -62,7 +62,7 @@ def resume_run(run_id: str, store: Store, quiet: bool = True, registries: Any = 
     from runner.spec import load_spec
     from runner.training import apply_stage
 
-    row = store.run_row(run_id)
+    row = store.query.run_row(run_id)
     check_resumable(row)
     heartbeat_s = heartbeat_interval()
     spec = load_spec(json.loads(row["spec_json"]))
@@ -84,7 +84,7 @@ def resume_run(run_id: str, store: Store, quiet: bool = True, registries: Any = 
 
     epoch = int(state["epoch"]) if state else 0
     history = state["history"] if state else []
-    store.claim_for_resume(
+    store.runs.claim_for_resume(
         row["id"], epoch, heartbeat_s,
         best_epoch=state["early_stopping"]["best_epoch"] if state else None,
         best_val_accuracy=max((h["val_accuracy"] for h in history), default=None),

@@ -12,7 +12,7 @@ from runner.errors import SpecError
 def checkpoint_of_upstream(weights_spec: Any, store: Any, base_dir: str) -> tuple[Path, str]:
     """The best checkpoint of the run the weights spec names, and a description of the source."""
     if hasattr(weights_spec, "run"):
-        run_id = store.resolve_run_id(weights_spec.run)
+        run_id = store.query.resolve_run_id(weights_spec.run)
         return best_checkpoint(store, run_id), f"run:{run_id}"
     spec_path = Path(weights_spec.experiment).expanduser()
     spec_path = spec_path if spec_path.is_absolute() else Path(base_dir) / spec_path
@@ -30,7 +30,7 @@ def completed_run_for(spec_path: Path, store: Any) -> str:
     registries = load_registries()
     spec = load_spec(spec_path)
     spec_hash = resolved_spec_hash(spec, registries, str(spec_path.parent))
-    existing = store.find_completed_run(spec_hash)
+    existing = store.query.find_completed_run(spec_hash)
     if existing is not None:
         print(f"reusing upstream run {existing} of {spec_path}", file=sys.stderr)
         return existing
@@ -39,10 +39,10 @@ def completed_run_for(spec_path: Path, store: Any) -> str:
 
 
 def best_checkpoint(store: Any, run_id: str) -> Path:
-    row = store.run_row(run_id)
+    row = store.query.run_row(run_id)
     if row["status"] != "completed":
         raise SpecError(f"model.weights: run {run_id} is {row['status']}, not completed")
-    checkpoint = store.checkpoints(run_id).get("best")
+    checkpoint = store.query.checkpoints(run_id).get("best")
     if checkpoint is None or not Path(checkpoint["path"]).is_file():
         raise SpecError(f"model.weights: run {run_id} has no best checkpoint on disk")
     return Path(checkpoint["path"])

@@ -41,7 +41,7 @@ def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path: Path) ->
     results = open_store_in_processes(path, 6)
     assert [r.returncode for r in results] == [0] * 6, [r.stderr for r in results]
     assert [r.stdout.strip() for r in results] == [str(SCHEMA_VERSION)] * 6
-    assert Store(path).count_runs() == 0
+    assert Store(path).query.count_runs() == 0
 
 
 def test_processes_migrating_one_old_store_at_once_all_succeed(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_processes_migrating_one_old_store_at_once_all_succeed(tmp_path: Path) -
     assert [r.returncode for r in results] == [0] * 6, [r.stderr for r in results]
     store = Store(path)
     assert store.schema_version() == SCHEMA_VERSION
-    assert [r["id"] for r in store.runs_table()] == ["6177fdec99e1"]  # migrated once, nothing lost
+    assert [r["id"] for r in store.query.runs_table()] == ["6177fdec99e1"]  # migrated once, nothing lost
 
 
 def test_four_runs_writing_one_new_store_at_once_all_complete_with_every_row(tmp_path: Path, run_cli: Any) -> None:
@@ -77,7 +77,7 @@ def test_four_runs_writing_one_new_store_at_once_all_complete_with_every_row(tmp
     assert {r["status"] for r in runs} == {"completed"}
 
     store = Store(db)
-    assert len(store.epoch_metrics(sorted(run_ids))) == METRICS_PER_EPOCH * sum(epochs)
+    assert len(store.query.epoch_metrics(sorted(run_ids))) == METRICS_PER_EPOCH * sum(epochs)
     by_run = {r["id"]: r["epochs_run"] for r in runs}
     assert sorted(by_run.values()) == sorted(epochs)
     for run_id in run_ids:

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from runner.store import MIGRATIONS, SCHEMA_VERSION, Store
+from runner.store import SCHEMA_VERSION, Store
+from runner.store.migrations import MIGRATIONS
 
 V1_STORE = Path(__file__).resolve().parent / "data" / "store_v1.db"
 V1_RUN = "6177fdec99e1"  # the completed tiny run the first released schema stored
