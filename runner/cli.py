@@ -168,7 +168,7 @@ def show(run_id: str, db: str | None, fmt: str) -> None:
 @db_option
 @click.option("--status", default=None, help="Only runs with this status.")
 @click.option("--name", default=None, metavar="GLOB", help="Only runs whose name matches GLOB (* any characters, ? one).")
-@click.option("--since", default=None, metavar="DATE", help="Only runs started since DATE (ISO, UTC) or an age such as 7d, 12h.")
+@click.option("--since", default=None, metavar="DATE|AGE", help="Only runs started since DATE (ISO, UTC) or AGE ago (30m, 12h, 7d, 2w).")
 @click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only runs whose resolved spec has KEY=VALUE (e.g. model.name=cnn); repeatable.")
 @click.option("--columns", default=None, metavar="COL[,COL]", help="Columns to show: report columns or resolved-spec keys.")
 @click.option("--sort", default=None, metavar="[-]COL[,...]", help="Sort by these columns; a leading '-' sorts descending.")
@@ -417,7 +417,7 @@ def delete(run_ids: tuple[str, ...], yes: bool, force: bool, db: str | None) -> 
 
 @cli.command()
 @click.option("--keep", type=click.Choice(["best", "last", "both"]), default="best", show_default=True, help="Checkpoints each run keeps.")
-@click.option("--older-than", default=None, metavar="AGE", help="Only runs that ended more than AGE ago (30d, 12h, 90m, 2w).")
+@click.option("--older-than", default=None, metavar="AGE|DATE", help="Only runs that ended more than AGE ago (30d, 12h, 90m, 2w) or before DATE (ISO, UTC).")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @db_option

@@ -11,21 +11,20 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+from runner.ages import cutoff
 from runner.errors import RunnerError
 from runner.store import Store, utcnow
 
 KEEP_POLICIES = ("best", "last", "both", "all")
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "": 86400}
 _TAG = re.compile(r"^[\w.:+-][\w.:+/-]*$")
 
 
 class ManageError(RunnerError):
-    """A run-management request that cannot be carried out (bad tag, running run, bad age)."""
+    """A run-management request that cannot be carried out (bad tag, running run)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -115,14 +114,6 @@ def apply_retention(store: Store, run_id: str, keep: str) -> tuple[int, int]:
     return removed, freed
 
 
-def parse_age(text: str) -> timedelta:
-    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` (a bare number is days)."""
-    match = _AGE.match(text)
-    if not match:
-        raise ManageError(f"--older-than {text!r}: give an age such as 30d, 12h, 90m or 2w")
-    return timedelta(seconds=float(match.group(1)) * _AGE_UNITS[match.group(2)])
-
-
 @dataclass
 class PruneResult:
     keep: str
@@ -138,13 +129,14 @@ class PruneResult:
 
 
 def prune_candidates(store: Store, keep: str, older_than: str | None = None, now: datetime | None = None) -> dict[str, list[str]]:
-    """Completed runs (older than the age, if given) and the checkpoint kinds ``keep`` would drop.
+    """Completed runs (that ended before ``older_than``, if given) and the checkpoint kinds ``keep`` would drop.
 
-    Only completed runs: an interrupted, failed or lost run needs its last checkpoint to resume.
+    ``older_than`` is an age (``30d``) or an ISO date (:mod:`runner.ages`). Only completed runs: an
+    interrupted, failed or lost run needs its last checkpoint to resume.
     """
-    cutoff = (now or utcnow()) - parse_age(older_than) if older_than else None
+    ended_before = cutoff(older_than, "--older-than", now or utcnow()) if older_than else None
     candidates = {}
-    for run_id in store.query.completed_runs(ended_before=cutoff):
+    for run_id in store.query.completed_runs(ended_before=ended_before):
         kinds = checkpoints_to_remove(sorted(store.query.checkpoints(run_id)), keep)
         if kinds:
             candidates[run_id] = kinds
@@ -226,6 +218,6 @@ def human_bytes(count: int) -> str:
 
 
 __all__ = [
-    "KEEP_POLICIES", "ManageError", "tag_run", "apply_retention", "prune", "PruneResult", "parse_age",
+    "KEEP_POLICIES", "ManageError", "tag_run", "apply_retention", "prune", "PruneResult",
     "delete_plan", "delete_runs", "DeletePlan", "human_bytes",
 ]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from runner.ages import cutoff
 from runner.errors import RunnerError
 from runner.store import STATUSES, RunFilter, Store, utcnow
 
@@ -145,21 +145,9 @@ def split_names(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
-def parse_since(text: str | None) -> datetime | None:
-    """An ISO date or date-time (UTC unless it says otherwise), or an age such as ``7d``, ``12h``, ``30m``."""
-    if not text:
-        return None
-    age = re.fullmatch(r"\s*(\d+)\s*([dhm])\s*", text)
-    if age:
-        unit = {"d": "days", "h": "hours", "m": "minutes"}[age.group(2)]
-        return utcnow() - timedelta(**{unit: int(age.group(1))})
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ReportError(f"--since expects a date such as 2024-05-31, a date-time or an age such as 7d; got {text!r}") from None
-    if moment.tzinfo is not None:  # started_at is stored as naive UTC
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return moment
+def parse_since(text: str | None, now: datetime | None = None) -> datetime | None:
+    """An ISO date or date-time (UTC unless it says otherwise), or an age such as ``7d``, ``12h``, ``2w`` (:mod:`runner.ages`)."""
+    return cutoff(text, "--since", now or utcnow()) if text else None
 
 
 def parse_where(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:

@@ -188,6 +188,6 @@ def test_a_version_1_store_gains_the_tags_and_evaluations_tables(tmp_path):
 
 @pytest.mark.parametrize(("text", "seconds"), [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45s", 45), ("2w", 1209600), ("1.5", 129600)])
 def test_ages(text, seconds):
-    from runner.manage import parse_age
+    from runner.ages import parse_age
 
     assert parse_age(text).total_seconds() == seconds

@@ -159,7 +159,7 @@ def test_columns_may_name_spec_keys_and_sort_orders_rows(run_cli, seed_store):
         (("--columns", "test_top5"), "unknown column 'test_top5'"),
         (("--sort", "-nope"), "unknown column 'nope'"),
         (("--group-by", "name", "--sort", "test_accuracy"), "unknown sort column 'test_accuracy'"),
-        (("--since", "last tuesday"), "--since expects a date"),
+        (("--since", "last tuesday"), "--since 'last tuesday': give an age such as"),
         (("--status", "done"), "not a run status"),
         (("--where", "seed"), "--where expects KEY=VALUE"),
         (("--format", "parquet"), "give -o FILE.parquet"),
