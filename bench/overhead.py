@@ -49,12 +49,16 @@ def timed(label: str, function: Callable[..., Any], outermost_store: bool = Fals
 def instrument() -> None:
     from runner import execute, registries, training
     from runner.store import Store
+    from runner.store.manage import RunManagement
+    from runner.store.queries import RunQueries
+    from runner.store.runs import RunWriter
 
-    for name, method in list(vars(Store).items()):
-        if callable(method) and not name.startswith("__"):
-            setattr(Store, name, timed("store (all Store methods)", method, outermost_store=True))
+    for cls in (Store, RunWriter, RunQueries, RunManagement):  # the store and its store.runs, .query, .manage
+        for name, method in list(vars(cls).items()):
+            if callable(method) and not name.startswith("__"):
+                setattr(cls, name, timed("store (all store methods)", method, outermost_store=True))
     # opening (engine, connection, schema check or creation) apart from the run's reads and writes
-    Store.__init__ = timed("store (all Store methods)", timed("  of which opening the store", Store.__init__), outermost_store=True)
+    Store.__init__ = timed("store (all store methods)", timed("  of which opening the store", Store.__init__), outermost_store=True)
     training.save_tensors = timed("checkpoint files (torch.save)", training.save_tensors)
     execute.StoreRecorder.checkpoint_saved = timed("checkpoint rows + sha256", execute.StoreRecorder.checkpoint_saved)
     execute.sha256_file = timed("sha256 of checkpoints", execute.sha256_file)
@@ -92,7 +96,7 @@ def main() -> None:
     print(f"run_experiment (with opening the store): {total:.2f} s")
     for label, seconds in sorted(spent.items(), key=lambda item: -item[1]):
         print(f"  {label:34} {seconds:8.3f} s  {100 * seconds / total:6.2f}%  ({calls[label]} calls)")
-    store_s = spent["store (all Store methods)"]
+    store_s = spent["store (all store methods)"]
     epochs = calls["train epochs"]
     per_epoch = (store_s - spent["  of which opening the store"]) / max(epochs, 1)
     print(f"store: {store_s:.3f} s in all, {per_epoch * 1000:.1f} ms per epoch besides opening it")

@@ -224,10 +224,10 @@ def metrics(run_ids: str | Sequence[str] | None = None, *, db: str | Path | None
 
     store = _store(db)
     if run_ids is None:
-        ids = [row["id"] for row in store.runs_table()]
+        ids = [row["id"] for row in store.query.runs_table()]
     else:
-        ids = [store.resolve_run_id(r) for r in ([run_ids] if isinstance(run_ids, str) else run_ids)]
-    long = pd.DataFrame(store.epoch_metrics(ids), columns=["run_id", "epoch", "name", "value"])
+        ids = [store.query.resolve_run_id(r) for r in ([run_ids] if isinstance(run_ids, str) else run_ids)]
+    long = pd.DataFrame(store.query.epoch_metrics(ids), columns=["run_id", "epoch", "name", "value"])
     wide = long.pivot_table(index=["run_id", "epoch"], columns="name", values="value", aggfunc="first")
     wide = wide.reset_index().rename_axis(columns=None)
     order = {run_id: i for i, run_id in enumerate(ids)}

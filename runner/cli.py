@@ -121,7 +121,7 @@ def validate(spec: Path, overrides: tuple[str, ...]) -> None:
 @cli.command()
 @db_option
 @click.option("--status", default=None, help="Only runs with this status.")
-@click.option("--name", default=None, metavar="GLOB", help="Only runs whose name matches.")
+@click.option("--name", default=None, metavar="GLOB", help="Only runs whose name matches GLOB (* any characters, ? one).")
 @click.option("--limit", type=int, default=None)
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="Only runs with this tag; repeatable (all must match).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
@@ -173,8 +173,8 @@ def show(run_id: str, db: str | None, fmt: str) -> None:
 @cli.command()
 @db_option
 @click.option("--status", default=None, help="Only runs with this status.")
-@click.option("--name", default=None, metavar="GLOB", help="Only runs whose name matches.")
-@click.option("--since", default=None, metavar="DATE", help="Only runs started since DATE (ISO, UTC) or an age such as 7d, 12h.")
+@click.option("--name", default=None, metavar="GLOB", help="Only runs whose name matches GLOB (* any characters, ? one).")
+@click.option("--since", default=None, metavar="DATE|AGE", help="Only runs started since DATE (ISO, UTC) or AGE ago (30m, 12h, 7d, 2w).")
 @click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only runs whose resolved spec has KEY=VALUE (e.g. model.name=cnn); repeatable.")
 @click.option("--columns", default=None, metavar="COL[,COL]", help="Columns to show: report columns or resolved-spec keys.")
 @click.option("--sort", default=None, metavar="[-]COL[,...]", help="Sort by these columns; a leading '-' sorts descending.")
@@ -409,7 +409,7 @@ def tag(run_id: str, tags: tuple[str, ...], remove: tuple[str, ...], db: str | N
 
     store = _store(db, create=False)
     current = tag_run(store, run_id, add=tags, remove=remove)
-    click.echo(f"{store.resolve_run_id(run_id)}: {', '.join(current) if current else '(no tags)'}")
+    click.echo(f"{store.query.resolve_run_id(run_id)}: {', '.join(current) if current else '(no tags)'}")
 
 
 @cli.command()
@@ -431,7 +431,7 @@ def delete(run_ids: tuple[str, ...], yes: bool, force: bool, db: str | None) -> 
 
 @cli.command()
 @click.option("--keep", type=click.Choice(["best", "last", "both"]), default="best", show_default=True, help="Checkpoints each run keeps.")
-@click.option("--older-than", default=None, metavar="AGE", help="Only runs that ended more than AGE ago (30d, 12h, 90m, 2w).")
+@click.option("--older-than", default=None, metavar="AGE|DATE", help="Only runs that ended more than AGE ago (30d, 12h, 90m, 2w) or before DATE (ISO, UTC).")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @db_option

@@ -72,10 +72,10 @@ class StoreRecorder:
         self.checkpoint_epoch = checkpoint_epoch  # of the last checkpoint, where a resume would start
 
     def epoch_done(self, epoch: int, metrics: dict[str, float], duration_s: float, best_epoch: int | None, best_val_accuracy: float | None) -> None:
-        self.store.log_epoch(self.run_id, epoch, metrics, duration_s, best_epoch=best_epoch, best_val_accuracy=best_val_accuracy)
+        self.store.runs.log_epoch(self.run_id, epoch, metrics, duration_s, best_epoch=best_epoch, best_val_accuracy=best_val_accuracy)
 
     def checkpoint_saved(self, kind: str, epoch: int, path: Path) -> None:
-        self.store.save_checkpoint(self.run_id, kind, epoch, str(path), sha256_file(path), path.stat().st_size)
+        self.store.runs.save_checkpoint(self.run_id, kind, epoch, path, sha256_file(path), path.stat().st_size)
         if kind == "last":
             self.checkpoint_epoch = epoch
 
@@ -211,7 +211,7 @@ def record_new_run(store: Store, run_plan: RunPlan, summary: str) -> str:
     """The run's row, ``running``, with its resolved spec, plan and provenance; its id."""
     run_id = store.new_run_id()
     spec = run_plan.spec
-    store.create_run(
+    store.runs.create(
         run_id,
         name=spec.name,
         spec_yaml=spec.to_yaml(),
@@ -253,23 +253,23 @@ def train_run(
     with stop_on_signals():
         try:
             # threads and cudnn.benchmark are process-wide: set for training, then restored
-            with heartbeat(lambda: store.heartbeat(run_id, heartbeat_s), heartbeat_s), applied(run_plan.performance):
+            with heartbeat(lambda: store.runs.heartbeat(run_id, heartbeat_s), heartbeat_s), applied(run_plan.performance):
                 result = fit(run_plan, parts, recorder, run_dir, _progress_factory(quiet), resume_from=resume_from)
                 with signals_deferred(raise_after=False):  # finished: a late signal changes nothing
                     test = {k: v for k, v in result.test.items() if k != "confusion"}
-                    store.save_split_metrics(run_id, "test", test)
-                    store.finish_run(
+                    store.runs.save_split_metrics(run_id, "test", test)
+                    store.runs.finish(
                         run_id, "completed", stop_reason=result.stop_reason, epochs_run=result.epochs_run,
                         best_epoch=result.best_epoch, confusion_json=json.dumps(result.test["confusion"]),
                     )
         except KeyboardInterrupt as exc:
             signal_name = getattr(exc, "signal_name", "SIGINT")
             with signals_deferred(raise_after=False):
-                store.finish_run(run_id, "interrupted", stop_reason=f"interrupted by {signal_name}")
+                store.runs.finish(run_id, "interrupted", stop_reason=f"interrupted by {signal_name}")
             raise RunInterrupted(run_id, signal_name, recorder.checkpoint_epoch) from None
         except Exception as exc:
             with signals_deferred(raise_after=False):
-                store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), stop_reason="error")
+                store.runs.finish(run_id, "failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), stop_reason="error")
             raise TrainingFailed(run_id, exc) from exc
     # only now: until the run completed, its last checkpoint was what a resume would start from
     apply_retention(store, run_id, run_plan.spec.checkpoints.keep)

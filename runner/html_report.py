@@ -90,7 +90,7 @@ def render_html(report: Report, store: Store | None, title: str = "runner report
     return environment.from_string(TEMPLATE).render(
         title=title,
         generated=utcnow().isoformat(timespec="seconds"),
-        source=str(store.path or store.url) if store is not None else "a results store",
+        source=store.location if store is not None else "a results store",
         run_count=len(report.run_ids),
         groups_html=Markup(_table_html(report.groups)) if report.groups is not None else None,
         runs_html=Markup(_table_html(report.runs)),

@@ -95,13 +95,13 @@ def checkpoint_path(store: Store, run_id: str, kind: str) -> tuple[Path, dict[st
     """The file of a run's ``best`` or ``last`` checkpoint, checked to exist and be the one the run wrote."""
     if kind not in CHECKPOINTS:
         raise InferenceError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {kind!r}")
-    kept = store.checkpoints(run_id)
+    kept = store.query.checkpoints(run_id)
     record = kept.get(kind)
-    if record is None or not Path(record["path"]).is_file():
-        others = [k for k in CHECKPOINTS if k != kind and k in kept and Path(kept[k]["path"]).is_file()]
+    if record is None or not record["path"].is_file():
+        others = [k for k in CHECKPOINTS if k != kind and k in kept and kept[k]["path"].is_file()]
         hint = f"; it has a {others[0]} checkpoint (--checkpoint {others[0]})" if others else ""
         raise InferenceError(f"run {run_id} has no {kind} checkpoint on disk{hint}")
-    return Path(record["path"]), record
+    return record["path"], record
 
 
 def load_checkpoint_state(store: Store, run_id: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -113,7 +113,7 @@ def load_checkpoint_state(store: Store, run_id: str, kind: str) -> tuple[dict[st
 
 def load_run_model(store: Store, run_id: str, registries: Registries, checkpoint: str = "best", device: str | None = None) -> RunModel:
     """Rebuild a run's model from its plan, load its ``best`` (or ``last``) checkpoint, and ready it for inference."""
-    row = store.run_row(run_id)
+    row = store.query.run_row(run_id)
     run_id = row["id"]
     run_plan = stored_plan(row, registries)
     state, record = load_checkpoint_state(store, run_id, checkpoint)
@@ -167,7 +167,7 @@ def evaluate_run(
     if split not in SPLITS:
         raise InferenceError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     check_data_overrides(overrides)
-    row = store.run_row(run_id)
+    row = store.query.run_row(run_id)
     run_id = row["id"]
     run_plan = stored_plan(row, registries)
     state, record = load_checkpoint_state(store, run_id, checkpoint)
@@ -197,7 +197,7 @@ def evaluate_run(
         "device": str(target),
         "samples": int(sum(sum(r) for r in result["confusion"])),
     }
-    evaluation["id"] = store.save_evaluation(
+    evaluation["id"] = store.runs.save_evaluation(
         run_id, **{k: v for k, v in evaluation.items() if k != "overrides"}, overrides_json=json.dumps(list(overrides)),
     )
     return {"run_id": run_id, **evaluation}

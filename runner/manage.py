@@ -11,21 +11,20 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+from runner.ages import cutoff
 from runner.errors import RunnerError
 from runner.store import Store, utcnow
 
 KEEP_POLICIES = ("best", "last", "both", "all")
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "": 86400}
 _TAG = re.compile(r"^[\w.:+-][\w.:+/-]*$")
 
 
 class ManageError(RunnerError):
-    """A run-management request that cannot be carried out (bad tag, running run, bad age)."""
+    """A run-management request that cannot be carried out (bad tag, running run)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -41,12 +40,12 @@ def check_tags(tags: Sequence[str]) -> list[str]:
 
 def tag_run(store: Store, run_id: str, add: Sequence[str] = (), remove: Sequence[str] = ()) -> list[str]:
     """Add and remove tags of a run; its tags afterwards."""
-    run_id = store.resolve_run_id(run_id)
+    run_id = store.query.resolve_run_id(run_id)
     if add:
-        store.add_tags(run_id, check_tags(add))
+        store.manage.add_tags(run_id, check_tags(add))
     if remove:
-        store.remove_tags(run_id, list(remove))
-    return store.tags([run_id]).get(run_id, [])
+        store.manage.remove_tags(run_id, list(remove))
+    return store.query.tags([run_id]).get(run_id, [])
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,26 +100,18 @@ def apply_retention(store: Store, run_id: str, keep: str) -> tuple[int, int]:
     A file that cannot be removed (permissions) keeps its row and is reported on stderr: the run
     stays usable either way.
     """
-    records = store.checkpoints(run_id)
+    records = store.query.checkpoints(run_id)
     removed = freed = 0
     for kind in checkpoints_to_remove(sorted(records), keep):
-        path = Path(records[kind]["path"])
+        path = records[kind]["path"]
         try:
             freed += _remove_file(path)
         except OSError as exc:
             print(f"warning: cannot remove {path}: {exc.strerror or exc}", file=sys.stderr)
             continue
-        store.remove_checkpoint(run_id, kind)
+        store.manage.remove_checkpoint(run_id, kind)
         removed += 1
     return removed, freed
-
-
-def parse_age(text: str) -> timedelta:
-    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` (a bare number is days)."""
-    match = _AGE.match(text)
-    if not match:
-        raise ManageError(f"--older-than {text!r}: give an age such as 30d, 12h, 90m or 2w")
-    return timedelta(seconds=float(match.group(1)) * _AGE_UNITS[match.group(2)])
 
 
 @dataclass
@@ -138,14 +129,15 @@ class PruneResult:
 
 
 def prune_candidates(store: Store, keep: str, older_than: str | None = None, now: datetime | None = None) -> dict[str, list[str]]:
-    """Completed runs (older than the age, if given) and the checkpoint kinds ``keep`` would drop.
+    """Completed runs (that ended before ``older_than``, if given) and the checkpoint kinds ``keep`` would drop.
 
-    Only completed runs: an interrupted, failed or lost run needs its last checkpoint to resume.
+    ``older_than`` is an age (``30d``) or an ISO date (:mod:`runner.ages`). Only completed runs: an
+    interrupted, failed or lost run needs its last checkpoint to resume.
     """
-    cutoff = (now or utcnow()) - parse_age(older_than) if older_than else None
+    ended_before = cutoff(older_than, "--older-than", now or utcnow()) if older_than else None
     candidates = {}
-    for run_id in store.completed_runs(ended_before=cutoff):
-        kinds = checkpoints_to_remove(sorted(store.checkpoints(run_id)), keep)
+    for run_id in store.query.completed_runs(ended_before=ended_before):
+        kinds = checkpoints_to_remove(sorted(store.query.checkpoints(run_id)), keep)
         if kinds:
             candidates[run_id] = kinds
     return candidates
@@ -154,12 +146,12 @@ def prune_candidates(store: Store, keep: str, older_than: str | None = None, now
 def prune(store: Store, keep: str = "best", older_than: str | None = None, dry_run: bool = False) -> PruneResult:
     """Apply a retention policy to old completed runs; how many files and bytes it freed."""
     candidates = prune_candidates(store, keep, older_than)
-    result = PruneResult(keep=keep, runs_considered=len(store.completed_runs()), dry_run=dry_run)
+    result = PruneResult(keep=keep, runs_considered=len(store.query.completed_runs()), dry_run=dry_run)
     for run_id, kinds in candidates.items():
-        records = store.checkpoints(run_id)
+        records = store.query.checkpoints(run_id)
         if dry_run:
             result.files_removed += len(kinds)
-            result.bytes_freed += sum(_size(Path(records[k]["path"])) for k in kinds)
+            result.bytes_freed += sum(_size(records[k]["path"]) for k in kinds)
         else:
             removed, freed = apply_retention(store, run_id, keep)
             result.files_removed += removed
@@ -184,18 +176,18 @@ def delete_plan(store: Store, run_ids: Sequence[str], force: bool = False) -> De
     ids: list[str] = []
     paths: list[Path] = []
     for given in run_ids:
-        row = store.run_row(given)
+        row = store.query.run_row(given)
         if row["status"] == "running" and not force:
             raise ManageError(f"run {row['id']} is running; stop it first (or pass --force if its process is gone)")
         if row["id"] in ids:
             continue
         ids.append(row["id"])
-        directory = Path(row["artifacts_dir"]) if row["artifacts_dir"] else store.run_dir(row["id"])
+        directory = store.artifacts_dir(row)
         own = directory if directory.name == row["id"] else None  # never a shared directory a row might name
         if own is not None:
             paths.append(own)
-        for record in store.checkpoints(row["id"]).values():
-            path = Path(record["path"])
+        for record in store.query.checkpoints(row["id"]).values():
+            path = record["path"]
             if (own is None or own not in path.parents) and path not in paths:
                 paths.append(path)
     total = sum(directory_bytes(p) if p.is_dir() else _size(p) for p in paths)
@@ -204,7 +196,7 @@ def delete_plan(store: Store, run_ids: Sequence[str], force: bool = False) -> De
 
 def delete_runs(store: Store, plan: DeletePlan) -> int:
     """Delete the planned runs' rows (one transaction), then their files; the bytes freed."""
-    store.delete_runs(plan.run_ids)
+    store.manage.delete_runs(plan.run_ids)
     freed = 0
     for path in plan.paths:
         if path.is_dir():
@@ -226,6 +218,6 @@ def human_bytes(count: int) -> str:
 
 
 __all__ = [
-    "KEEP_POLICIES", "ManageError", "tag_run", "apply_retention", "prune", "PruneResult", "parse_age",
+    "KEEP_POLICIES", "ManageError", "tag_run", "apply_retention", "prune", "PruneResult",
     "delete_plan", "delete_runs", "DeletePlan", "human_bytes",
 ]

@@ -8,12 +8,12 @@ Python work, and the 2,000,000 per-epoch metric rows of a big store are never re
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from runner.ages import cutoff
 from runner.errors import RunnerError
 from runner.files import atomic_write_bytes
 from runner.store import STATUSES, RunFilter, Store, utcnow
@@ -53,18 +53,18 @@ def _iso(value: Any) -> Any:
 def runs_list(store: Store, status: str | None = None, name: str | None = None, limit: int | None = None,
               tags: Sequence[str] = ()) -> list[dict[str, Any]]:
     """``runner runs``: the JSON-contract keys first, then when each run started and its tags."""
-    rows = store.runs_table(status=status, name_glob=name, limit=limit, tags=tags)
-    tagged = store.tags([row["id"] for row in rows])
+    rows = store.query.runs_table(RunFilter(status=status, name_glob=name, tags=tuple(tags)), limit=limit)
+    tagged = store.query.tags([row["id"] for row in rows])
     return [{**{k: row[k] for k in SUMMARY_KEYS}, "started_at": _iso(row["started_at"]), "tags": tagged.get(row["id"], [])} for row in rows]
 
 
 def run_details(store: Store, run_id: str) -> dict[str, Any]:
     """``runner show``: the summary keys plus spec, epochs, test metrics, weights and provenance."""
-    row = store.run_row(run_id)
+    row = store.query.run_row(run_id)
     run_id = row["id"]
-    split = store.split_metrics(run_id)
+    split = store.query.split_metrics(run_id)
     epochs: dict[int, dict[str, Any]] = {}
-    for m in store.epoch_metrics([run_id]):
+    for m in store.query.epoch_metrics([run_id]):
         epochs.setdefault(m["epoch"], {"epoch": m["epoch"]})[m["name"]] = m["value"]
     test = split.get("test", {})
     details = {
@@ -100,12 +100,13 @@ def run_details(store: Store, run_id: str) -> dict[str, Any]:
         "settings": json.loads(row["settings_json"] or "{}"),
         "class_names": json.loads(row["class_names_json"] or "[]"),
         "confusion_matrix": json.loads(row["confusion_json"]) if row["confusion_json"] else None,
-        "checkpoints": {k: {"epoch": c["epoch"], "path": c["path"], "sha256": c["sha256"]} for k, c in store.checkpoints(run_id).items()},
+        "checkpoints": {k: {"epoch": c["epoch"], "path": str(c["path"]), "sha256": c["sha256"]}
+                        for k, c in store.query.checkpoints(run_id).items()},
         "error": row["error"],
         "traceback": row["traceback"],
         "model_summary": row["model_summary"],
-        "tags": store.tags([run_id]).get(run_id, []),
-        "evaluations": [_evaluation(e) for e in store.evaluations(run_id)],
+        "tags": store.query.tags([run_id]).get(run_id, []),
+        "evaluations": [_evaluation(e) for e in store.query.evaluations(run_id)],
     }
     return details
 
@@ -144,21 +145,9 @@ def split_names(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
-def parse_since(text: str | None) -> datetime | None:
-    """An ISO date or date-time (UTC unless it says otherwise), or an age such as ``7d``, ``12h``, ``30m``."""
-    if not text:
-        return None
-    age = re.fullmatch(r"\s*(\d+)\s*([dhm])\s*", text)
-    if age:
-        unit = {"d": "days", "h": "hours", "m": "minutes"}[age.group(2)]
-        return utcnow() - timedelta(**{unit: int(age.group(1))})
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ReportError(f"--since expects a date such as 2024-05-31, a date-time or an age such as 7d; got {text!r}") from None
-    if moment.tzinfo is not None:  # started_at is stored as naive UTC
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return moment
+def parse_since(text: str | None, now: datetime | None = None) -> datetime | None:
+    """An ISO date or date-time (UTC unless it says otherwise), or an age such as ``7d``, ``12h``, ``2w`` (:mod:`runner.ages`)."""
+    return cutoff(text, "--since", now or utcnow()) if text else None
 
 
 def parse_where(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
@@ -203,13 +192,13 @@ class Report:
 
 def _check_spec_keys(store: Store, keys: Sequence[str], where: Sequence[tuple[str, Any]]) -> None:
     """Unknown names fail loudly: a typo would otherwise print an empty or blank-column report."""
-    if not (keys or where) or not store.count_runs():
+    if not (keys or where) or not store.query.count_runs():
         return
     for key, _ in where:
-        if not store.spec_key_exists(key):
+        if not store.query.spec_key_exists(key):
             raise ReportError(f"--where {key}: no stored run's resolved spec has the key {key!r} (such as model.name or seed)")
     for key in keys:
-        if not store.spec_key_exists(key):
+        if not store.query.spec_key_exists(key):
             raise ReportError(
                 f"unknown column {key!r}: not a report column ({', '.join(REPORT_COLUMNS)}) "
                 f"nor a key of any stored resolved spec (such as model.name or training.optimizer.lr)"
@@ -220,8 +209,8 @@ def runs_frame(store: Store, run_filter: RunFilter, spec_keys: Sequence[str] = (
     """Every report column for the filtered runs, newest first, test metrics pivoted into ``test_*``."""
     import pandas as pd
 
-    runs = store.report_runs(run_filter, spec_keys)
-    metrics = store.report_split_metrics(run_filter, "test")
+    runs = store.query.report_runs(run_filter, spec_keys)
+    metrics = store.query.report_split_metrics(run_filter, "test")
     test = metrics.pivot(index="run_id", columns="name", values="value").add_prefix("test_")
     test.columns.name = None
     for metric in TEST_METRICS:
@@ -418,12 +407,12 @@ def write_output(path: Path, data: str | bytes) -> None:
 
 def resolve_run_ids(store: Store, run_ids: Sequence[str]) -> list[str]:
     """Full ids for ids or unique prefixes, in the order given, each once."""
-    return list(dict.fromkeys(store.resolve_run_id(r) for r in run_ids))
+    return list(dict.fromkeys(store.query.resolve_run_id(r) for r in run_ids))
 
 
 def epoch_curves(store: Store, run_ids: Sequence[str]) -> dict[str, Any]:
     """run id → DataFrame indexed by epoch with one column per metric (train_loss, val_accuracy...)."""
-    long = store.epoch_metrics_frame(run_ids)
+    long = store.query.epoch_metrics_frame(run_ids)
     wide = long.pivot_table(index=["run_id", "epoch"], columns="name", values="value", aggfunc="first")
     wide.columns.name = None
     return {run_id: curves.droplevel("run_id") for run_id, curves in wide.groupby(level="run_id")}
@@ -433,7 +422,7 @@ def plot_data(store: Store, run_ids: Sequence[str]) -> list[Any]:
     """What a figure needs of each run, in the order given (plots.RunPlotData)."""
     from runner.plots import RunPlotData
 
-    documents = store.run_documents(run_ids).set_index("id")
+    documents = store.query.run_documents(run_ids).set_index("id")
     curves = epoch_curves(store, run_ids)
     data = []
     for run_id in run_ids:  # a handful of runs, one figure row each
@@ -508,7 +497,7 @@ def compare_runs(store: Store, run_ids: Sequence[str]) -> Comparison:
     run_ids = resolve_run_ids(store, run_ids)
     if len(run_ids) < 2:
         raise ReportError("compare needs at least two different runs")
-    documents = store.run_documents(run_ids).set_index("id").loc[run_ids]
+    documents = store.query.run_documents(run_ids).set_index("id").loc[run_ids]
     specs = pd.DataFrame({run_id: _flat_spec_values(text) for run_id, text in documents["spec_json"].items()})
     canonical = specs.apply(lambda column: column.map(lambda v: json.dumps(v, sort_keys=True)))
     differences = specs[canonical.nunique(axis=1, dropna=False) > 1]

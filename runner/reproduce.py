@@ -110,18 +110,18 @@ def version_warnings(original: dict[str, Any], current: dict[str, Any]) -> list[
 
 def reproduce_run(store: Store, run_id: str, registries: Registries, quiet: bool = True) -> Reproduction:
     """Train the run's stored resolved spec into a new run of the same store, and compare the two."""
-    original = store.run_row(run_id)
+    original = store.query.run_row(run_id)
     run_id = original["id"]
     original_plan = stored_plan(original, registries)
     outcome = run_experiment(original_plan.spec, store=store, quiet=quiet, registries=registries, base_dir=original_plan.spec_dir)
-    store.add_tags(outcome.run_id, [f"reproduces:{run_id}"])  # so the pair can be found later
-    reproduced = store.run_row(outcome.run_id)
-    epochs = store.epoch_metrics([run_id, outcome.run_id])
+    store.manage.add_tags(outcome.run_id, [f"reproduces:{run_id}"])  # so the pair can be found later
+    reproduced = store.query.run_row(outcome.run_id)
+    epochs = store.query.epoch_metrics([run_id, outcome.run_id])
     difference = first_difference(
         _by_epoch([r for r in epochs if r["run_id"] == run_id]),
         _by_epoch([r for r in epochs if r["run_id"] == outcome.run_id]),
-        store.split_metrics(run_id).get("test", {}),
-        store.split_metrics(outcome.run_id).get("test", {}),
+        store.query.split_metrics(run_id).get("test", {}),
+        store.query.split_metrics(outcome.run_id).get("test", {}),
     )
     return Reproduction(run_id, outcome.run_id, int(reproduced["epochs_run"] or 0), difference, version_warnings(original, reproduced))
 

@@ -38,10 +38,6 @@ def check_resumable(row: dict[str, Any]) -> None:
         raise RunnerError(f"run {run_id} is {status}; only interrupted, failed or lost runs can be resumed")
 
 
-def run_directory(store: Store, row: dict[str, Any]) -> Path:
-    return Path(row["artifacts_dir"]) if row["artifacts_dir"] else store.run_dir(row["id"])
-
-
 def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     """The run's last training state, or None when it stopped before its first epoch ended."""
     path = run_dir / CHECKPOINT_NAME
@@ -55,17 +51,17 @@ def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
 
 def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = True) -> RunOutcome:
     """Continue the run ``run_id`` (an id or unique prefix) in ``store`` and return how it ended."""
-    row = store.run_row(run_id)
+    row = store.query.run_row(run_id)
     check_resumable(row)
     # the heartbeat of the process that trains now, which may not be the one that started the run
     run_plan = replace(stored_plan(row, registries), heartbeat_s=heartbeat_interval())
     if run_plan.spec_hash != row["spec_hash"]:
         raise RunnerError(f"run {row['id']}: its spec no longer resolves to the same experiment (has the data or a plugin changed?)")
-    run_dir = run_directory(store, row)
+    run_dir = store.artifacts_dir(row)
     state = load_last_checkpoint(run_dir)
     parts = setup(run_plan, registries, checkpoint=state, verify_weights=True)
     history = state["history"] if state else []
-    store.claim_for_resume(
+    store.runs.claim_for_resume(
         row["id"], int(state["epoch"]) if state else 0, run_plan.heartbeat_s,
         best_epoch=state["early_stopping"]["best_epoch"] if state else None,
         best_val_accuracy=max((h["val_accuracy"] for h in history), default=None),

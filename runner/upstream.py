@@ -52,11 +52,11 @@ def find_upstream(spec: Spec, store: Any, registries: Registries, base_dir: str)
     """The completed run the spec's weights name, with its best checkpoint; None when it has none yet."""
     weights = spec.model.weights
     if isinstance(weights, WeightsFromRun):
-        run_id = store.resolve_run_id(weights.run)
+        run_id = store.query.resolve_run_id(weights.run)
         return UpstreamWeights(run_id, str(best_checkpoint(store, run_id)), f"run:{run_id}")
     if isinstance(weights, WeightsFromExperiment):
         path = experiment_path(weights, base_dir)
-        run_id = store.find_completed_run(resolved_spec_hash(load_spec(path), registries, str(path.parent)))
+        run_id = store.query.find_completed_run(resolved_spec_hash(load_spec(path), registries, str(path.parent)))
         if run_id is None:
             return None
         return UpstreamWeights(run_id, str(best_checkpoint(store, run_id)), f"run:{run_id} (experiment {weights.experiment})")
@@ -64,13 +64,13 @@ def find_upstream(spec: Spec, store: Any, registries: Registries, base_dir: str)
 
 
 def best_checkpoint(store: Any, run_id: str) -> Path:
-    row = store.run_row(run_id)
+    row = store.query.run_row(run_id)
     if row["status"] != "completed":
         raise SpecError(f"model.weights: run {run_id} is {row['status']}, not completed")
-    checkpoint = store.checkpoints(run_id).get("best")
-    if checkpoint is None or not Path(checkpoint["path"]).is_file():
+    checkpoint = store.query.checkpoints(run_id).get("best")
+    if checkpoint is None or not checkpoint["path"].is_file():
         raise SpecError(f"model.weights: run {run_id} has no best checkpoint on disk")
-    return Path(checkpoint["path"])
+    return checkpoint["path"]
 
 
 __all__ = ["experiment_chain", "find_upstream", "best_checkpoint", "upstream_experiment", "experiment_path"]

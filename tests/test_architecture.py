@@ -187,7 +187,7 @@ def test_planning_a_spec_with_an_upstream_experiment_on_an_empty_store_trains_an
     assert find_upstream(spec, store, builtin_registries(), str(tmp_path)) is None
     with pytest.raises(SpecError, match="experiment upstream.yaml has no completed run"):
         plan(spec, builtin_registries(), base_dir=str(tmp_path))
-    assert store.count_runs() == 0 and not (tmp_path / "runs").exists()
+    assert store.query.count_runs() == 0 and not (tmp_path / "runs").exists()
 
 
 def test_validate_reports_nothing_missing_for_an_upstream_it_does_not_need(run_cli: Any, tmp_path: Path) -> None:

@@ -219,7 +219,7 @@ def test_bad_input_is_one_line_exit_2_and_stores_nothing(case: Case, run_cli: An
     assert result.out == ""
     store = _store_of(args)
     if store.exists() and not store_existed:
-        assert Store(store).count_runs() == 0  # no run row was written
+        assert Store(store).query.count_runs() == 0  # no run row was written
     assert not (tmp_path / "runs").exists()
     if case.no_code_ran:
         assert not (tmp_path / "marker").exists()

@@ -17,8 +17,8 @@ from runner.store import Store, live_status, utcnow
 
 def fake_run(store: Store, run_id: str, heartbeat_s: float | None) -> None:
     """A run row as `runner run` writes it before training (no torch needed)."""
-    store.create_run(run_id, heartbeat_s=heartbeat_s, name="fake", spec_yaml="", spec_json="{}", spec_hash="-",
-                     model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
+    store.runs.create(run_id, heartbeat_s=heartbeat_s, name="fake", spec_yaml="", spec_json="{}", spec_hash="-",
+                      model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -124,7 +124,7 @@ def test_runs_show_and_report_show_a_silent_run_as_lost_and_a_beating_one_as_run
     assert report.exit_code == 0
     assert any(line.startswith("silent000000,") and ",lost," in line for line in report.out.splitlines())
 
-    store.heartbeat("silent000000", 60)  # only slow, not dead: it is running again
+    store.runs.heartbeat("silent000000", 60)  # only slow, not dead: it is running again
     assert run_cli("show", "silent", "--db", db, "--format", "json").json()["status"] == "running"
 
 
@@ -133,7 +133,7 @@ def test_a_bad_heartbeat_setting_is_refused_before_any_row(run_cli: Any, tiny_sp
     result = run_cli("run", tiny_spec, "--db", db)
     assert result.exit_code == 2
     assert result.err == "error: RUNNER_HEARTBEAT_S must be a positive number of seconds, got 'often'\n"
-    assert not db.exists() or Store(db).count_runs() == 0
+    assert not db.exists() or Store(db).query.count_runs() == 0
 
 
 def test_sigterm_during_epoch_2_stores_interrupted_with_the_epoch_1_checkpoint(

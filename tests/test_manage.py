@@ -170,7 +170,7 @@ def test_tags_filter_runs_and_report(run_cli, tiny_spec, db):
 
 
 def test_a_version_1_store_gains_the_tags_and_evaluations_tables(tmp_path):
-    from runner.store import SCHEMA_VERSION, Store
+    from runner.store import SCHEMA_VERSION, RunFilter, Store
 
     db = tmp_path / "v1.db"
     shutil.copy(DATA / "store_v1.db", db)
@@ -180,14 +180,14 @@ def test_a_version_1_store_gains_the_tags_and_evaluations_tables(tmp_path):
     assert columns["tags"] == ["run_id", "tag"]
     assert columns["evaluations"] == ["id", "run_id", "created_at", "split", "checkpoint", "checkpoint_epoch", "dataset",
                                       "overrides_json", "device", "samples", "loss", "accuracy", "f1_macro"]
-    [run_id] = [r["id"] for r in store.runs_table()]
-    store.add_tags(run_id, ["migrated"])  # an old run can be tagged and found by its tag
-    assert [r["id"] for r in store.runs_table(tags=["migrated"])] == [run_id]
-    assert store.evaluations(run_id) == []
+    [run_id] = [r["id"] for r in store.query.runs_table()]
+    store.manage.add_tags(run_id, ["migrated"])  # an old run can be tagged and found by its tag
+    assert [r["id"] for r in store.query.runs_table(RunFilter(tags=("migrated",)))] == [run_id]
+    assert store.query.evaluations(run_id) == []
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45s", 45), ("2w", 1209600), ("1.5", 129600)])
 def test_ages(text, seconds):
-    from runner.manage import parse_age
+    from runner.ages import parse_age
 
     assert parse_age(text).total_seconds() == seconds

@@ -1,7 +1,13 @@
-"""Schema versions: an old store is upgraded in place and read; a newer one is refused in one line."""
+"""Schema versions: an old store is upgraded in place and read; a newer one is refused in one line.
+
+The fixtures in tests/data are stores written by the released code of each schema version (see
+tests/data/make_store_fixtures.py): ``store_v1.db`` and ``store_v2.db`` hold one completed run,
+``store_v3.db`` a completed (tagged, evaluated), a failed and an interrupted run.
+"""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import sqlite3
 from pathlib import Path
@@ -10,10 +16,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from runner.store import MIGRATIONS, SCHEMA_VERSION, Store
+import runner.store.migrations as migrations_module
+from runner.store import SCHEMA_VERSION, Store
+from runner.store.migrations import MIGRATIONS
 
-V1_STORE = Path(__file__).resolve().parent / "data" / "store_v1.db"
+DATA = Path(__file__).resolve().parent / "data"
+FIXTURES = {version: DATA / f"store_v{version}.db" for version in (1, 2, 3)}
+V1_STORE = FIXTURES[1]
 V1_RUN = "6177fdec99e1"  # the completed tiny run the first released schema stored
+V3_RUNS = {"tiny-completed": "completed", "tiny-failed": "failed", "tiny-interrupted": "interrupted"}
 
 
 @pytest.fixture
@@ -23,9 +34,56 @@ def v1_copy(tmp_path: Path) -> Path:
     return path
 
 
-def columns(path: Path) -> dict[str, set[str]]:
-    inspector = sa.inspect(sa.create_engine(f"sqlite:///{path}"))
-    return {table: {c["name"] for c in inspector.get_columns(table)} for table in inspector.get_table_names()}
+def copy_of(version: int, tmp_path: Path) -> Path:
+    path = tmp_path / f"v{version}.db"
+    shutil.copy(FIXTURES[version], path)
+    return path
+
+
+def schema(path: Path) -> dict[str, dict[str, Any]]:
+    """Every table of an SQLite file: columns (type, nullability, default), primary key, indexes,
+    unique constraints and foreign keys (with ON DELETE). Column order is left out: ALTER TABLE
+    appends a column where a new store has it in the middle, and no query depends on the order."""
+    engine = sa.create_engine(f"sqlite:///{path}")
+    try:
+        inspector = sa.inspect(engine)
+        return {
+            table: {
+                "columns": {c["name"]: (str(c["type"]), c["nullable"], c.get("default")) for c in inspector.get_columns(table)},
+                "primary_key": inspector.get_pk_constraint(table)["constrained_columns"],
+                "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(table)),
+                "unique": sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)),
+                "foreign_keys": sorted(
+                    (tuple(f["constrained_columns"]), f["referred_table"], tuple(f["referred_columns"]), f["options"].get("ondelete"))
+                    for f in inspector.get_foreign_keys(table)
+                ),
+            }
+            for table in inspector.get_table_names()
+        }
+    finally:
+        engine.dispose()
+
+
+def rows(path: Path) -> dict[str, tuple[list[str], list[tuple[Any, ...]]]]:
+    """table → (column names, every row sorted) of each table but meta."""
+    with sqlite3.connect(path) as conn:
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'meta'")]
+        out = {}
+        for table in tables:
+            cursor = conn.execute(f"SELECT * FROM {table}")
+            out[table] = ([d[0] for d in cursor.description], sorted(cursor.fetchall(), key=repr))
+    return out
+
+
+def built_by_migrations(path: Path, count: int) -> Path:
+    """A store built from nothing by the first ``count`` migrations, stamped as Store stamps one."""
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        for migration in MIGRATIONS[:count]:
+            migration(conn)
+        conn.execute(sa.text("INSERT INTO meta (key, value) VALUES ('schema_version', :v)"), {"v": str(count)})
+    engine.dispose()
+    return path
 
 
 def dump(path: Path) -> list[str]:
@@ -33,14 +91,96 @@ def dump(path: Path) -> list[str]:
         return list(conn.iterdump())
 
 
+# ------------------------------------------------------------------------------------------
+# The migrations themselves
+
+
 def test_migrations_are_numbered_in_order() -> None:
     assert SCHEMA_VERSION == len(MIGRATIONS)
     assert [m.__name__[:5] for m in MIGRATIONS] == [f"m{n:03d}_" for n in range(1, SCHEMA_VERSION + 1)]
 
 
-def test_the_fixture_is_a_first_version_store() -> None:
-    with sqlite3.connect(f"file:{V1_STORE}?mode=ro", uri=True) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+def test_migrations_never_use_the_models() -> None:
+    """Each migration is written against the tables as they were, not against today's models."""
+    tree = ast.parse(Path(migrations_module.__file__).read_text(encoding="utf-8"))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "typing", "sqlalchemy"}, imported
+    for node in ast.walk(tree):  # metadata.create_all only on a MetaData the migration built itself
+        if isinstance(node, ast.Attribute) and node.attr == "metadata":
+            pytest.fail("a migration refers to some .metadata (the models' Base.metadata?)")
+
+
+@pytest.mark.parametrize("version", sorted(FIXTURES))
+def test_the_fixtures_are_stores_of_their_versions(version: int) -> None:
+    with sqlite3.connect(f"file:{FIXTURES[version]}?mode=ro", uri=True) as conn:
+        assert conn.execute("SELECT key, value FROM meta").fetchall() == [("schema_version", str(version))]
+
+
+@pytest.mark.parametrize("version", sorted(FIXTURES))
+def test_the_first_migrations_build_exactly_the_released_schema(version: int, tmp_path: Path) -> None:
+    """Migrations 1..N from an empty file give the tables the release of version N wrote."""
+    assert schema(built_by_migrations(tmp_path / "built.db", version)) == schema(FIXTURES[version])
+
+
+def test_every_migration_from_nothing_builds_the_schema_of_a_new_store(tmp_path: Path) -> None:
+    Store(tmp_path / "new.db")
+    assert schema(built_by_migrations(tmp_path / "built.db", SCHEMA_VERSION)) == schema(tmp_path / "new.db")
+
+
+def test_the_schema_comparison_sees_types_nullability_indexes_and_foreign_keys(tmp_path: Path) -> None:
+    """The comparison above is not of column names only: each of these differences shows."""
+    base = "CREATE TABLE runs (id VARCHAR NOT NULL PRIMARY KEY, name VARCHAR NOT NULL);"
+    child = ("CREATE TABLE tags (run_id VARCHAR NOT NULL, tag VARCHAR NOT NULL, PRIMARY KEY (run_id, tag), "
+             "FOREIGN KEY(run_id) REFERENCES runs (id) ON DELETE CASCADE);")
+    variants = {
+        "base": base + child,
+        "type": base.replace("name VARCHAR", "name TEXT") + child,
+        "nullable": base.replace("name VARCHAR NOT NULL", "name VARCHAR") + child,
+        "index": base + child + "CREATE INDEX ix_runs_name ON runs (name);",
+        "foreign key": base + child.replace(" ON DELETE CASCADE", ""),
+        "primary key": base + child.replace("PRIMARY KEY (run_id, tag)", "PRIMARY KEY (run_id)"),
+    }
+    described = {}
+    for label, sql in variants.items():
+        with sqlite3.connect(tmp_path / f"{label}.db") as conn:
+            conn.executescript(sql)
+        described[label] = schema(tmp_path / f"{label}.db")
+    assert [label for label in variants if described[label] == described["base"]] == ["base"]
+
+
+# ------------------------------------------------------------------------------------------
+# Upgrading stores of every released version
+
+
+@pytest.mark.parametrize("version", sorted(FIXTURES))
+def test_a_store_upgraded_from_each_released_version_has_exactly_the_schema_of_a_new_one(version: int, tmp_path: Path) -> None:
+    old = copy_of(version, tmp_path)
+    assert Store(old).schema_version() == SCHEMA_VERSION
+    Store(tmp_path / "new.db")
+    assert schema(old) == schema(tmp_path / "new.db")
+
+
+@pytest.mark.parametrize("version", sorted(FIXTURES))
+def test_upgrading_keeps_every_row_and_every_status(version: int, tmp_path: Path, run_cli: Any) -> None:
+    old = copy_of(version, tmp_path)
+    before = rows(old)
+    conn = sqlite3.connect(old)
+    statuses = dict(conn.execute("SELECT id, status FROM runs").fetchall())
+    conn.close()
+    assert statuses and sum(len(table_rows) for _, table_rows in before.values()) > len(statuses)
+
+    Store(old)
+    after = rows(old)
+    assert set(before) <= set(after)
+    for table, (columns, table_rows) in before.items():
+        after_columns, after_rows = after[table]
+        assert set(columns) <= set(after_columns), table
+        keep = [after_columns.index(c) for c in columns]
+        assert sorted((tuple(r[i] for i in keep) for r in after_rows), key=repr) == table_rows, table
+    listed = run_cli("runs", "--db", old, "--format", "json")
+    assert listed.exit_code == 0, listed.err
+    assert {r["id"]: r["status"] for r in listed.json()} == statuses
 
 
 def test_a_first_version_store_is_upgraded_in_place_and_read_by_runs_show_and_report(run_cli: Any, v1_copy: Path) -> None:
@@ -58,17 +198,36 @@ def test_a_first_version_store_is_upgraded_in_place_and_read_by_runs_show_and_re
     assert V1_RUN in report.out
 
 
-def test_an_upgraded_store_has_exactly_the_schema_of_a_new_one(v1_copy: Path, tmp_path: Path) -> None:
-    Store(v1_copy)
-    Store(tmp_path / "new.db")
-    assert columns(v1_copy) == columns(tmp_path / "new.db")
+def test_a_second_version_store_is_read_by_runs_show_and_report(run_cli: Any, tmp_path: Path) -> None:
+    db = copy_of(2, tmp_path)
+    assert [(r["id"], r["status"]) for r in run_cli("runs", "--db", db, "--format", "json").json()] == [(V1_RUN, "completed")]
+    details = run_cli("show", V1_RUN, "--db", db, "--format", "json").json()
+    assert [e["epoch"] for e in details["epochs"]] == [1, 2]
+    assert (details["tags"], details["evaluations"]) == ([], [])
+    assert [r["id"] for r in run_cli("report", "--db", db, "--format", "json").json()] == [V1_RUN]
+
+
+def test_a_third_version_store_keeps_its_tags_evaluations_and_statuses(run_cli: Any, tmp_path: Path) -> None:
+    db = copy_of(3, tmp_path)
+    runs = run_cli("runs", "--db", db, "--format", "json").json()
+    assert {r["name"]: r["status"] for r in runs} == V3_RUNS
+    ids = {r["name"]: r["id"] for r in runs}
+    completed = run_cli("show", ids["tiny-completed"], "--db", db, "--format", "json").json()
+    assert completed["tags"] == ["baseline", "fixture"]
+    assert [(e["split"], e["checkpoint"], e["samples"]) for e in completed["evaluations"]] == [("test", "best", 225)]
+    assert completed["evaluations"][0]["accuracy"] == pytest.approx(completed["test"]["accuracy"])
+    failed = run_cli("show", ids["tiny-failed"], "--db", db, "--format", "json").json()
+    assert failed["error"] == "OSError: [Errno 28] No space left on device" and "Traceback" in failed["traceback"]
+    assert [r["id"] for r in run_cli("runs", "--db", db, "--tag", "fixture", "--format", "json").json()] == [ids["tiny-completed"]]
+    report = run_cli("report", "--db", db, "--status", "interrupted", "--format", "json").json()
+    assert [(r["id"], r["stop_reason"]) for r in report] == [(ids["tiny-interrupted"], "interrupted by SIGINT")]
 
 
 def test_opening_an_upgraded_store_again_migrates_nothing(v1_copy: Path) -> None:
     Store(v1_copy)
-    upgraded = columns(v1_copy)
+    upgraded = schema(v1_copy), dump(v1_copy)
     assert Store(v1_copy).schema_version() == SCHEMA_VERSION
-    assert columns(v1_copy) == upgraded
+    assert (schema(v1_copy), dump(v1_copy)) == upgraded
     with sqlite3.connect(v1_copy) as conn:
         assert conn.execute("SELECT key, value FROM meta").fetchall() == [("schema_version", str(SCHEMA_VERSION))]
 

@@ -159,7 +159,7 @@ def test_columns_may_name_spec_keys_and_sort_orders_rows(run_cli, seed_store):
         (("--columns", "test_top5"), "unknown column 'test_top5'"),
         (("--sort", "-nope"), "unknown column 'nope'"),
         (("--group-by", "name", "--sort", "test_accuracy"), "unknown sort column 'test_accuracy'"),
-        (("--since", "last tuesday"), "--since expects a date"),
+        (("--since", "last tuesday"), "--since 'last tuesday': give an age such as"),
         (("--status", "done"), "not a run status"),
         (("--where", "seed"), "--where expects KEY=VALUE"),
         (("--format", "parquet"), "give -o FILE.parquet"),
@@ -185,9 +185,9 @@ def test_a_failed_run_without_epochs_is_reported_and_plotted(run_cli, tmp_path):
 
     db = tmp_path / "failed.db"
     store = Store(db)
-    run_id = store.create_run(store.new_run_id(), name="broken", spec_yaml="", spec_json=json.dumps({"name": "broken", "seed": 3}),
-                              spec_hash="0" * 64, model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=3)
-    store.finish_run(run_id, "failed", error="RuntimeError: boom", stop_reason="error")
+    run_id = store.runs.create(store.new_run_id(), name="broken", spec_yaml="", spec_json=json.dumps({"name": "broken", "seed": 3}),
+                               spec_hash="0" * 64, model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=3)
+    store.runs.finish(run_id, "failed", error="RuntimeError: boom", stop_reason="error")
     [row] = run_cli("report", "--db", db, "--format", "json").json()
     assert (row["status"], row["epochs_run"], row["stop_reason"], row["test_accuracy"], row["best_epoch"]) == ("failed", 0, "error", None, None)
     [group] = run_cli("report", "--db", db, "--format", "json", "--group-by", "name").json()

@@ -62,7 +62,7 @@ def wait_for_first_epoch(db: Path, proc: subprocess.Popen[str], timeout: float =
         assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
         if store is None and db.exists():
             store = Store(db, create=False)
-        rows = store.runs_table() if store is not None else []
+        rows = store.query.runs_table() if store is not None else []
         if rows and rows[0]["epochs_run"] >= 1:
             return rows[0]["id"]
         time.sleep(0.02)
@@ -206,8 +206,8 @@ def test_resume_refuses_completed_running_and_unknown_runs(run_cli: Any, trained
     assert done.err == f"error: run {trained_tiny_run.run_id} is completed; only interrupted, failed or lost runs can be resumed\n"
 
     store = Store(tmp_path / "live.db")
-    store.create_run("alive0000000", heartbeat_s=60, name="alive", spec_yaml="", spec_json="{}", spec_hash="-",
-                     model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
+    store.runs.create("alive0000000", heartbeat_s=60, name="alive", spec_yaml="", spec_json="{}", spec_hash="-",
+                      model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
     alive = run_cli("resume", "alive", "--db", tmp_path / "live.db")
     assert alive.exit_code == 2
     assert alive.err.startswith("error: run alive0000000 is still running (last heartbeat ")
@@ -221,13 +221,13 @@ def test_two_resumes_of_one_run_cannot_both_claim_it(tmp_path: Path) -> None:
     from runner.errors import StoreError
 
     store = Store(tmp_path / "results.db")
-    store.create_run("stopped00000", name="x", spec_yaml="", spec_json="{}", spec_hash="-",
-                     model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
-    store.finish_run("stopped00000", "interrupted")
-    store.claim_for_resume("stopped00000", 0, heartbeat_s=60)
+    store.runs.create("stopped00000", name="x", spec_yaml="", spec_json="{}", spec_hash="-",
+                      model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
+    store.runs.finish("stopped00000", "interrupted")
+    store.runs.claim_for_resume("stopped00000", 0, heartbeat_s=60)
     with pytest.raises(StoreError, match="cannot be resumed: it is no longer interrupted or failed or lost"):
-        store.claim_for_resume("stopped00000", 0, heartbeat_s=60)
-    assert store.run_row("stopped00000")["status"] == "running"
+        store.runs.claim_for_resume("stopped00000", 0, heartbeat_s=60)
+    assert store.query.run_row("stopped00000")["status"] == "running"
 
 
 def test_last_checkpoint_holds_everything_a_resume_needs_and_loads_weights_only(trained_tiny_run: Any) -> None:

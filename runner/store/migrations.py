@@ -1,0 +1,152 @@
+"""Schema migrations: ordered functions, each bringing a store from version N-1 to N.
+
+A new store is created from the current models (:mod:`runner.store.schema`) and stamped with the
+newest version; an older store runs the migrations it lacks, in order, in one transaction each
+(:mod:`runner.store.database`). Each migration is self-contained: it spells out the tables as they
+were at its version and never imports the models, so later model changes cannot change what it
+does. Never edit a released migration: add one. tests/test_migrations.py checks that a store
+migrated from every released version (fixtures in tests/data) has exactly the tables of a new one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import sqlalchemy as sa
+
+
+def m001_initial(conn: sa.Connection) -> None:
+    """Version 1, the first release (the fixture tests/data/store_v1.db): runs and their results.
+
+    New stores are created from the models, so this runs only to build a store up from nothing
+    (tests do, to check the migrations add up to the models).
+    """
+    metadata = sa.MetaData()
+    sa.Table(
+        "meta", metadata,
+        sa.Column("key", sa.String, primary_key=True),
+        sa.Column("value", sa.String, nullable=False),
+    )
+    runs = sa.Table(
+        "runs", metadata,
+        sa.Column("id", sa.String, primary_key=True),
+        sa.Column("name", sa.String, nullable=False),
+        sa.Column("status", sa.String, nullable=False),
+        sa.Column("spec_yaml", sa.Text, nullable=False),
+        sa.Column("spec_json", sa.Text, nullable=False),
+        sa.Column("spec_hash", sa.String, nullable=False),
+        sa.Column("model", sa.String, nullable=False),
+        sa.Column("strategy", sa.String, nullable=False),
+        sa.Column("dataset", sa.String, nullable=False),
+        sa.Column("seed", sa.Integer, nullable=False),
+        sa.Column("device", sa.String),
+        sa.Column("host", sa.String),
+        sa.Column("python_version", sa.String),
+        sa.Column("torch_version", sa.String),
+        sa.Column("torchvision_version", sa.String),
+        sa.Column("runner_version", sa.String),
+        sa.Column("git_commit", sa.String),
+        sa.Column("params_total", sa.Integer),
+        sa.Column("params_trainable", sa.Integer),
+        sa.Column("model_summary", sa.Text),
+        sa.Column("plugins_json", sa.Text),
+        sa.Column("settings_json", sa.Text),
+        sa.Column("class_names_json", sa.Text),
+        sa.Column("confusion_json", sa.Text),
+        sa.Column("weights_source", sa.String),
+        sa.Column("weights_sha256", sa.String),
+        sa.Column("started_at", sa.DateTime, nullable=False),
+        sa.Column("ended_at", sa.DateTime),
+        sa.Column("duration_s", sa.Float),
+        sa.Column("heartbeat_at", sa.DateTime),
+        sa.Column("epochs_run", sa.Integer, nullable=False),
+        sa.Column("stop_reason", sa.String),
+        sa.Column("best_epoch", sa.Integer),
+        sa.Column("best_val_accuracy", sa.Float),
+        sa.Column("error", sa.Text),
+        sa.Column("traceback", sa.Text),
+        sa.Column("artifacts_dir", sa.String),
+        sa.Index("ix_runs_name", "name"),
+        sa.Index("ix_runs_status", "status"),
+        sa.Index("ix_runs_spec_hash", "spec_hash"),
+    )
+
+    def run_id() -> sa.Column:
+        return sa.Column("run_id", sa.String, sa.ForeignKey(runs.c.id, ondelete="CASCADE"), primary_key=True)
+
+    sa.Table(
+        "epoch_metrics", metadata, run_id(),
+        sa.Column("epoch", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String, primary_key=True),
+        sa.Column("value", sa.Float, nullable=False),
+    )
+    sa.Table(
+        "epochs", metadata, run_id(),
+        sa.Column("epoch", sa.Integer, primary_key=True),
+        sa.Column("duration_s", sa.Float, nullable=False),
+        sa.Column("finished_at", sa.DateTime, nullable=False),
+    )
+    sa.Table(
+        "split_metrics", metadata, run_id(),
+        sa.Column("split", sa.String, primary_key=True),
+        sa.Column("name", sa.String, primary_key=True),
+        sa.Column("value", sa.Float, nullable=False),
+    )
+    sa.Table(
+        "checkpoints", metadata, run_id(),
+        sa.Column("kind", sa.String, primary_key=True),
+        sa.Column("epoch", sa.Integer, nullable=False),
+        sa.Column("path", sa.String, nullable=False),
+        sa.Column("sha256", sa.String, nullable=False),
+        sa.Column("size_bytes", sa.Integer, nullable=False),
+    )
+    metadata.create_all(conn)
+
+
+def m002_lost_after(conn: sa.Connection) -> None:
+    """Version 2: ``runs.lost_after``, the heartbeat deadline that shows a dead run as ``lost``.
+
+    Runs still ``running`` in an older store were written by a runner without a heartbeat thread:
+    their deadline is their last sign of life.
+    """
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN lost_after DATETIME"))
+    conn.execute(sa.text("UPDATE runs SET lost_after = heartbeat_at WHERE status = 'running'"))
+
+
+def m003_tags_evaluations(conn: sa.Connection) -> None:
+    """Version 3: the ``tags`` and ``evaluations`` tables (``runner tag``, ``runner eval``).
+
+    The tables are spelled out here, not taken from the models, so later model changes cannot
+    change what this migration does.
+    """
+    metadata = sa.MetaData()
+    runs = sa.Table("runs", metadata, sa.Column("id", sa.String, primary_key=True))
+    tags = sa.Table(
+        "tags", metadata,
+        sa.Column("run_id", sa.String, sa.ForeignKey(runs.c.id, ondelete="CASCADE"), primary_key=True),
+        sa.Column("tag", sa.String, primary_key=True, index=True),
+    )
+    evaluations = sa.Table(
+        "evaluations", metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("run_id", sa.String, sa.ForeignKey(runs.c.id, ondelete="CASCADE"), nullable=False, index=True),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.Column("split", sa.String, nullable=False),
+        sa.Column("checkpoint", sa.String, nullable=False),
+        sa.Column("checkpoint_epoch", sa.Integer),
+        sa.Column("dataset", sa.String, nullable=False),
+        sa.Column("overrides_json", sa.Text, nullable=False),
+        sa.Column("device", sa.String),
+        sa.Column("samples", sa.Integer, nullable=False),
+        sa.Column("loss", sa.Float, nullable=False),
+        sa.Column("accuracy", sa.Float, nullable=False),
+        sa.Column("f1_macro", sa.Float, nullable=False),
+    )
+    tags.create(conn)
+    evaluations.create(conn)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_lost_after, m003_tags_evaluations]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]

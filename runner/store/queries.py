@@ -1,0 +1,281 @@
+"""Reading runs (``store.query``): single runs, the ``runs`` listing, and the set-based report tables.
+
+Reports use one set-based query per table, never one per run. Which runs a listing or a report
+covers is a :class:`RunFilter`, turned into SQL by :func:`run_conditions` for ``runner runs`` and
+``runner report`` alike. SQL that differs between databases is kept in one small function each:
+:func:`glob_match` (run-name globs), :func:`json_value` and :func:`json_type` (resolved-spec keys).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Sequence
+
+import sqlalchemy as sa
+
+from runner.errors import RunNotFoundError
+from runner.store.schema import Checkpoint, EpochMetric, Evaluation, Run, SplitMetric, Tag
+from runner.store.status import live_status, status_now, utcnow
+
+if TYPE_CHECKING:
+    from runner.store.database import Store
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs a listing or report covers; every field narrows the set (all are applied in SQL)."""
+
+    status: str | None = None  # the live status: a running run past its heartbeat deadline is "lost"
+    name_glob: str | None = None  # * any characters, ? one character; everything else literal
+    since: datetime | None = None  # naive UTC, like started_at
+    where: tuple[tuple[str, Any], ...] = ()  # (dotted resolved-spec key, value) pairs, all must match
+    run_ids: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # runs carrying every one of these tags
+
+
+# ------------------------------------------------------------------------------------------
+# Dialect-specific SQL, one function each
+
+
+def glob_match(column: Any, pattern: str, dialect: str) -> Any:
+    """``column`` matches the fnmatch-style ``pattern``: ``*`` any characters, ``?`` one, case-sensitive.
+
+    Everything else is literal on every database: SQLite's GLOB would read ``[...]`` as a class,
+    so ``[`` is escaped as ``[[]``; LIKE elsewhere would read ``%`` and ``_``, so they are escaped.
+    """
+    if dialect == "sqlite":
+        return column.op("GLOB")(pattern.replace("[", "[[]"))
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
+
+
+def spec_json_path(key: str) -> str:
+    """``model.name`` → ``$."model"."name"`` (digits index lists: ``data.classes.0``)."""
+    parts = []
+    for part in key.split("."):
+        parts.append(f"[{part}]" if part.isdigit() else '."' + part.replace('"', '\\"') + '"')
+    return "$" + "".join(parts)
+
+
+def json_value(document: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of a JSON text column (SQLite's json_extract).
+
+    Numbers come back as numbers, text as text, and containers as minified JSON in stored order.
+    """
+    return sa.func.json_extract(document, spec_json_path(key))
+
+
+def json_type(document: Any, key: str) -> Any:
+    """The JSON type at the dotted ``key`` (SQLite's json_type), NULL where the key is missing.
+
+    The type names are SQLite's: null, true, false, integer, real, text, array, object.
+    """
+    return sa.func.json_type(document, spec_json_path(key))
+
+
+# ------------------------------------------------------------------------------------------
+# The run filter
+
+
+def has_tags(tags: Sequence[str]) -> Any:
+    """The run carries every tag in ``tags`` (an SQL condition over ``runs``)."""
+    return sa.and_(sa.true(), *(Run.id.in_(sa.select(Tag.run_id).where(Tag.tag == tag)) for tag in tags))
+
+
+def spec_equals(key: str, value: Any) -> Any:
+    """The stored spec value at ``key`` equals ``value``, compared with JSON types (1 ≠ "1", true ≠ 1)."""
+    kind = json_type(Run.spec_json, key)
+    stored = json_value(Run.spec_json, key)
+    if value is None:
+        return kind == "null"
+    if isinstance(value, bool):
+        return kind == ("true" if value else "false")
+    if isinstance(value, (int, float)):
+        return sa.and_(kind.in_(("integer", "real")), stored == value)
+    if isinstance(value, (list, dict)):
+        # json_extract returns a container as minified JSON in stored (sorted-key) order
+        return sa.and_(kind.in_(("array", "object")), stored == json.dumps(value, sort_keys=True, separators=(",", ":")))
+    text = str(value)
+    try:  # "1e-3" is a string to YAML but a number to the user who typed it
+        number = float(text)
+    except ValueError:
+        return sa.and_(kind == "text", stored == text)
+    return sa.or_(sa.and_(kind == "text", stored == text), sa.and_(kind.in_(("integer", "real")), stored == number))
+
+
+def run_conditions(run_filter: RunFilter, now: datetime, dialect: str) -> list[Any]:
+    """The filter as SQL conditions over ``runs`` (all must hold); ``now`` decides which runs are lost."""
+    conditions: list[Any] = []
+    if run_filter.status:
+        conditions.append(status_now(now) == run_filter.status)
+    if run_filter.name_glob:
+        conditions.append(glob_match(Run.name, run_filter.name_glob, dialect))
+    if run_filter.since is not None:
+        conditions.append(Run.started_at >= run_filter.since)
+    if run_filter.run_ids:
+        conditions.append(Run.id.in_(list(run_filter.run_ids)))
+    conditions.extend(spec_equals(key, value) for key, value in run_filter.where)
+    if run_filter.tags:
+        conditions.append(has_tags(run_filter.tags))
+    return conditions
+
+
+# ------------------------------------------------------------------------------------------
+
+
+class RunQueries:
+    """Everything read from a store (``store.query``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._dialect = store.engine.dialect.name
+
+    def _frame(self, query: sa.Select) -> Any:
+        """Run a select into a pandas DataFrame (reports are built from set-based queries)."""
+        import pandas as pd
+
+        with self._store.engine.connect() as conn:
+            return pd.read_sql(query, conn)
+
+    # ---- single runs ----------------------------------------------------------------------------
+    def resolve_run_id(self, run_id: str) -> str:
+        """A full run id from an id or a unique prefix of one."""
+        with self._store.engine.connect() as conn:
+            ids = conn.execute(sa.select(Run.id).where(Run.id.startswith(run_id, autoescape=True)).limit(2)).scalars().all()
+        if len(ids) == 1:
+            return ids[0]
+        if not ids:
+            raise RunNotFoundError(f"no run {run_id!r} in {self._store.location}")
+        raise RunNotFoundError(f"run id prefix {run_id!r} is ambiguous; give more characters")
+
+    def run_row(self, run_id: str) -> dict[str, Any]:
+        """Every column of a run (an id or unique prefix), ``status`` as a reader should see it."""
+        run_id = self.resolve_run_id(run_id)
+        with self._store.engine.connect() as conn:
+            row = dict(conn.execute(sa.select(Run).where(Run.id == run_id)).mappings().one())
+        row["status"] = live_status(row["status"], row["lost_after"], utcnow())
+        return row
+
+    def epoch_metrics(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(EpochMetric.run_id, EpochMetric.epoch, EpochMetric.name, EpochMetric.value)
+                .where(EpochMetric.run_id.in_(list(run_ids)))
+                .order_by(EpochMetric.run_id, EpochMetric.epoch, EpochMetric.name)
+            ).mappings().all()
+        return [dict(r) for r in rows]
+
+    def split_metrics(self, run_id: str) -> dict[str, dict[str, float]]:
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(sa.select(SplitMetric.split, SplitMetric.name, SplitMetric.value).where(SplitMetric.run_id == run_id)).all()
+        out: dict[str, dict[str, float]] = {}
+        for split, name, value in rows:
+            out.setdefault(split, {})[name] = value
+        return out
+
+    def checkpoints(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """kind → the checkpoint's row; its ``path`` is a :class:`~pathlib.Path` (:meth:`Store.artifact_path`)."""
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(sa.select(Checkpoint).where(Checkpoint.run_id == run_id)).mappings().all()
+        return {r["kind"]: {**r, "path": self._store.artifact_path(r["path"])} for r in rows}
+
+    def tags(self, run_ids: Sequence[str]) -> dict[str, list[str]]:
+        """Each given run's tags, sorted (runs without tags are left out)."""
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(sa.select(Tag.run_id, Tag.tag).where(Tag.run_id.in_(list(run_ids))).order_by(Tag.run_id, Tag.tag)).all()
+        out: dict[str, list[str]] = {}
+        for run_id, tag in rows:
+            out.setdefault(run_id, []).append(tag)
+        return out
+
+    def evaluations(self, run_id: str) -> list[dict[str, Any]]:
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(sa.select(Evaluation).where(Evaluation.run_id == run_id).order_by(Evaluation.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    # ---- sets of runs ---------------------------------------------------------------------------
+    def find_completed_run(self, spec_hash: str) -> str | None:
+        """The newest completed run whose resolved spec has this hash."""
+        with self._store.engine.connect() as conn:
+            return conn.execute(
+                sa.select(Run.id).where(Run.spec_hash == spec_hash, Run.status == "completed").order_by(Run.started_at.desc()).limit(1)
+            ).scalar()
+
+    def count_runs(self) -> int:
+        with self._store.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(Run)).scalar_one())
+
+    def completed_runs(self, ended_before: datetime | None = None) -> list[str]:
+        """Ids of completed runs, oldest first; with ``ended_before``, only those that ended earlier."""
+        query = sa.select(Run.id).where(Run.status == "completed").order_by(Run.ended_at, Run.id)
+        if ended_before is not None:
+            query = query.where(Run.ended_at < ended_before)
+        with self._store.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def runs_table(self, run_filter: RunFilter = RunFilter(), limit: int | None = None) -> list[dict[str, Any]]:
+        """One row per run with the summary columns, newest first (no per-run queries)."""
+        now = utcnow()
+        test_acc = (
+            sa.select(SplitMetric.run_id, SplitMetric.value.label("test_accuracy"))
+            .where(SplitMetric.split == "test", SplitMetric.name == "accuracy")
+            .subquery()
+        )
+        query = (
+            sa.select(
+                Run.id, Run.name, status_now(now).label("status"), Run.seed, Run.model, Run.strategy, Run.epochs_run,
+                Run.best_val_accuracy, test_acc.c.test_accuracy, Run.duration_s, Run.started_at, Run.heartbeat_at,
+            )
+            .outerjoin(test_acc, test_acc.c.run_id == Run.id)
+            .where(*run_conditions(run_filter, now, self._dialect))
+            .order_by(Run.started_at.desc())
+        )
+        if limit:
+            query = query.limit(limit)
+        with self._store.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings().all()]
+
+    # ---- reports: one set-based query per table, never one per run --------------------------------
+    def report_runs(self, run_filter: RunFilter, spec_keys: Sequence[str] = ()) -> Any:
+        """DataFrame, one row per run: the report's run columns plus one column per resolved-spec key."""
+        now = utcnow()
+        query = sa.select(
+            Run.id, Run.name, status_now(now).label("status"), Run.model, Run.weights_source, Run.strategy, Run.seed, Run.epochs_run,
+            Run.stop_reason, Run.best_val_accuracy, Run.best_epoch, Run.duration_s, Run.started_at,
+            *(json_value(Run.spec_json, key).label(key) for key in spec_keys),
+        ).where(*run_conditions(run_filter, now, self._dialect)).order_by(Run.started_at.desc(), Run.id)
+        return self._frame(query)
+
+    def report_split_metrics(self, run_filter: RunFilter, split: str = "test") -> Any:
+        """DataFrame (run_id, name, value) of one split's metrics for the filtered runs (long form)."""
+        query = (
+            sa.select(SplitMetric.run_id, SplitMetric.name, SplitMetric.value)
+            .join(Run, Run.id == SplitMetric.run_id)
+            .where(SplitMetric.split == split, *run_conditions(run_filter, utcnow(), self._dialect))
+        )
+        return self._frame(query)
+
+    def epoch_metrics_frame(self, run_ids: Sequence[str]) -> Any:
+        """DataFrame (run_id, epoch, name, value) of the given runs' per-epoch metrics (long form)."""
+        query = (
+            sa.select(EpochMetric.run_id, EpochMetric.epoch, EpochMetric.name, EpochMetric.value)
+            .where(EpochMetric.run_id.in_(list(run_ids)))
+            .order_by(EpochMetric.run_id, EpochMetric.epoch)
+        )
+        return self._frame(query)
+
+    def run_documents(self, run_ids: Sequence[str]) -> Any:
+        """DataFrame of the given runs' stored JSON documents: spec, class names, test confusion matrix."""
+        query = sa.select(Run.id, Run.name, Run.spec_json, Run.class_names_json, Run.confusion_json).where(Run.id.in_(list(run_ids)))
+        return self._frame(query)
+
+    def spec_key_exists(self, key: str) -> bool:
+        """Whether any run's resolved spec has ``key`` (a dotted path)."""
+        query = sa.select(Run.id).where(json_type(Run.spec_json, key).is_not(None)).limit(1)
+        with self._store.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
+
+__all__ = ["RunQueries", "RunFilter", "run_conditions", "glob_match", "json_value", "json_type"]

@@ -1,0 +1,128 @@
+"""Writing runs (``store.runs``): the run row, its epochs, test metrics, checkpoints and evaluations.
+
+Each method is one short transaction (retried while SQLite is locked), so several processes can
+write one store at once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from runner.errors import RunNotFoundError, StoreError
+from runner.store.schema import Checkpoint, Epoch, EpochMetric, Evaluation, Run, SplitMetric
+from runner.store.status import RESUMABLE, STATUSES, deadline, status_now, utcnow
+
+if TYPE_CHECKING:
+    from runner.store.database import Store
+
+
+class RunWriter:
+    """The writes of a run's life: created ``running``, epochs logged, finished with a status."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def create(self, run_id: str, heartbeat_s: float | None = None, **fields: Any) -> str:
+        """A new ``running`` run; with ``heartbeat_s`` it shows as lost unless :meth:`heartbeat` keeps up."""
+        now = utcnow()
+        values = {"status": "running", "started_at": now, "heartbeat_at": now, "epochs_run": 0,
+                  "lost_after": deadline(now, heartbeat_s) if heartbeat_s else None,
+                  "artifacts_dir": self._store.stored_path(self._store.run_dir(run_id)), **fields}
+        self._store.write(lambda s: s.add(Run(id=run_id, **values)))
+        return run_id
+
+    def update(self, run_id: str, **fields: Any) -> None:
+        self._store.write(lambda s: s.execute(sa.update(Run).where(Run.id == run_id).values(**fields)))
+
+    def heartbeat(self, run_id: str, heartbeat_s: float | None = None) -> None:
+        """The run is alive; with ``heartbeat_s`` its lost deadline moves on by that many intervals."""
+        now = utcnow()
+        extra = {"lost_after": deadline(now, heartbeat_s)} if heartbeat_s else {}
+        self.update(run_id, heartbeat_at=now, **extra)
+
+    def claim_for_resume(self, run_id: str, epoch: int, heartbeat_s: float, **run_fields: Any) -> None:
+        """Make a resumable run ``running`` again from the end of ``epoch``, in one transaction.
+
+        Rows of later epochs (written before the process stopped, after its last checkpoint) and
+        end-of-run results are deleted. The status check is part of the update, so of two
+        processes resuming one run at once only one gets it.
+        """
+        now = utcnow()
+
+        def write(session: Session) -> None:
+            claimed = session.execute(
+                sa.update(Run)
+                .where(Run.id == run_id, status_now(now).in_(RESUMABLE))
+                .values(status="running", ended_at=None, duration_s=None, error=None, traceback=None, stop_reason=None,
+                        confusion_json=None, heartbeat_at=now, lost_after=deadline(now, heartbeat_s), epochs_run=epoch,
+                        **run_fields)
+            )
+            if claimed.rowcount != 1:
+                raise StoreError(f"run {run_id} cannot be resumed: it is no longer {' or '.join(RESUMABLE)}")
+            session.execute(sa.delete(EpochMetric).where(EpochMetric.run_id == run_id, EpochMetric.epoch > epoch))
+            session.execute(sa.delete(Epoch).where(Epoch.run_id == run_id, Epoch.epoch > epoch))
+            session.execute(sa.delete(SplitMetric).where(SplitMetric.run_id == run_id))
+
+        self._store.write(write)
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float], duration_s: float, **run_fields: Any) -> None:
+        """One transaction per epoch: the metrics, the timing and the run's progress columns."""
+        now = utcnow()
+
+        def write(session: Session) -> None:
+            session.execute(
+                sa.insert(EpochMetric),
+                [{"run_id": run_id, "epoch": epoch, "name": k, "value": float(v)} for k, v in metrics.items()],
+            )
+            session.add(Epoch(run_id=run_id, epoch=epoch, duration_s=duration_s, finished_at=now))
+            session.execute(sa.update(Run).where(Run.id == run_id).values(epochs_run=epoch, heartbeat_at=now, **run_fields))
+
+        self._store.write(write)
+
+    def save_split_metrics(self, run_id: str, split: str, metrics: dict[str, float]) -> None:
+        def write(session: Session) -> None:
+            session.execute(sa.delete(SplitMetric).where(SplitMetric.run_id == run_id, SplitMetric.split == split))
+            session.execute(
+                sa.insert(SplitMetric),
+                [{"run_id": run_id, "split": split, "name": k, "value": float(v)} for k, v in metrics.items()],
+            )
+
+        self._store.write(write)
+
+    def save_checkpoint(self, run_id: str, kind: str, epoch: int, path: str | os.PathLike[str], sha256: str, size_bytes: int) -> None:
+        stored = self._store.stored_path(path)
+        self._store.write(lambda s: s.merge(Checkpoint(run_id=run_id, kind=kind, epoch=epoch, path=stored, sha256=sha256, size_bytes=size_bytes)))
+
+    def finish(self, run_id: str, status: str, **fields: Any) -> None:
+        """The run ended with ``status``: its end time and duration, and any other columns given."""
+        assert status in STATUSES, status
+        ended = utcnow()
+
+        def write(session: Session) -> None:
+            run = session.get(Run, run_id)
+            if run is None:
+                raise RunNotFoundError(f"no run {run_id!r}")
+            run.status = status
+            run.ended_at = ended
+            run.duration_s = (ended - run.started_at).total_seconds()
+            for key, value in fields.items():
+                setattr(run, key, value)
+
+        self._store.write(write)
+
+    def save_evaluation(self, run_id: str, **fields: Any) -> int:
+        """A ``runner eval`` result of the run; its id."""
+        def write(session: Session) -> int:
+            evaluation = Evaluation(run_id=run_id, created_at=utcnow(), **fields)
+            session.add(evaluation)
+            session.flush()
+            return int(evaluation.id)
+
+        return self._store.write(write)
+
+
+__all__ = ["RunWriter"]

@@ -1,0 +1,134 @@
+"""The tables of the current schema: what a new store is created from, and what the queries use.
+
+A change here needs a migration in :mod:`runner.store.migrations` that brings an older store to the
+same tables (tests/test_migrations.py compares the two, column by column and index by index).
+Migrations never import these models: they describe the tables as they were.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    value: Mapped[str] = mapped_column(sa.String)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String, index=True)
+    status: Mapped[str] = mapped_column(sa.String, index=True)
+    spec_yaml: Mapped[str] = mapped_column(sa.Text)
+    spec_json: Mapped[str] = mapped_column(sa.Text)
+    spec_hash: Mapped[str] = mapped_column(sa.String, index=True)
+    model: Mapped[str] = mapped_column(sa.String)
+    strategy: Mapped[str] = mapped_column(sa.String)
+    dataset: Mapped[str] = mapped_column(sa.String)
+    seed: Mapped[int] = mapped_column(sa.Integer)
+    device: Mapped[str | None] = mapped_column(sa.String)
+    host: Mapped[str | None] = mapped_column(sa.String)
+    python_version: Mapped[str | None] = mapped_column(sa.String)
+    torch_version: Mapped[str | None] = mapped_column(sa.String)
+    torchvision_version: Mapped[str | None] = mapped_column(sa.String)
+    runner_version: Mapped[str | None] = mapped_column(sa.String)
+    git_commit: Mapped[str | None] = mapped_column(sa.String)
+    params_total: Mapped[int | None] = mapped_column(sa.Integer)
+    params_trainable: Mapped[int | None] = mapped_column(sa.Integer)
+    model_summary: Mapped[str | None] = mapped_column(sa.Text)
+    plugins_json: Mapped[str | None] = mapped_column(sa.Text)
+    settings_json: Mapped[str | None] = mapped_column(sa.Text)
+    class_names_json: Mapped[str | None] = mapped_column(sa.Text)
+    confusion_json: Mapped[str | None] = mapped_column(sa.Text)
+    weights_source: Mapped[str | None] = mapped_column(sa.String)
+    weights_sha256: Mapped[str | None] = mapped_column(sa.String)
+    started_at: Mapped[datetime] = mapped_column(sa.DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    duration_s: Mapped[float | None] = mapped_column(sa.Float)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    # a running run not heard from by then died without a word (SIGKILL, out of memory): "lost"
+    lost_after: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    epochs_run: Mapped[int] = mapped_column(sa.Integer, default=0)
+    stop_reason: Mapped[str | None] = mapped_column(sa.String)
+    best_epoch: Mapped[int | None] = mapped_column(sa.Integer)
+    best_val_accuracy: Mapped[float | None] = mapped_column(sa.Float)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    traceback: Mapped[str | None] = mapped_column(sa.Text)
+    artifacts_dir: Mapped[str | None] = mapped_column(sa.String)
+
+
+class EpochMetric(Base):
+    __tablename__ = "epoch_metrics"
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    value: Mapped[float] = mapped_column(sa.Float)
+
+
+class Epoch(Base):
+    """Per-epoch bookkeeping that is not a metric (timings)."""
+
+    __tablename__ = "epochs"
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    duration_s: Mapped[float] = mapped_column(sa.Float)
+    finished_at: Mapped[datetime] = mapped_column(sa.DateTime)
+
+
+class SplitMetric(Base):
+    """End-of-training metrics of a split (``test``)."""
+
+    __tablename__ = "split_metrics"
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    split: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    value: Mapped[float] = mapped_column(sa.Float)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String, primary_key=True)  # best | last
+    epoch: Mapped[int] = mapped_column(sa.Integer)
+    path: Mapped[str] = mapped_column(sa.String)  # read and written through Store.artifact_path / stored_path
+    sha256: Mapped[str] = mapped_column(sa.String)
+    size_bytes: Mapped[int] = mapped_column(sa.Integer)
+
+
+class Tag(Base):
+    """A user's label on a run (``runner tag``); ``--tag`` filters ``runs`` and ``report``."""
+
+    __tablename__ = "tags"
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(sa.String, primary_key=True, index=True)
+
+
+class Evaluation(Base):
+    """A later evaluation of a run's checkpoint (``runner eval``): on its own split or other data."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime)
+    split: Mapped[str] = mapped_column(sa.String)
+    checkpoint: Mapped[str] = mapped_column(sa.String)  # best | last
+    checkpoint_epoch: Mapped[int | None] = mapped_column(sa.Integer)
+    dataset: Mapped[str] = mapped_column(sa.String)
+    overrides_json: Mapped[str] = mapped_column(sa.Text)  # the data.* overrides, [] for the run's own data
+    device: Mapped[str | None] = mapped_column(sa.String)
+    samples: Mapped[int] = mapped_column(sa.Integer)
+    loss: Mapped[float] = mapped_column(sa.Float)
+    accuracy: Mapped[float] = mapped_column(sa.Float)
+    f1_macro: Mapped[float] = mapped_column(sa.Float)
+
+
+__all__ = ["Base", "Meta", "Run", "EpochMetric", "Epoch", "SplitMetric", "Checkpoint", "Tag", "Evaluation"]

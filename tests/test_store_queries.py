@@ -1,0 +1,127 @@
+"""The store's queries: one run filter for ``runs`` and ``report``, name globs alike on every dialect."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from runner.store import RunFilter, Store, utcnow
+from runner.store.queries import glob_match
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ["tiny", "tiny-1", "tiny_1", "tinyA1", "Tiny", "tiny-10", "a%b", "axb", "a[1]", "a1", "x?y", "x*y", "xzy", "back\\slash"]
+GLOBS = ["tiny*", "tiny?1", "tiny_1", "tiny-?", "Tiny", "*1", "?iny", "a%b", "a[1]", "a[12]", "x?y", "x*y", "*", "back\\*", "nothing"]
+
+
+def expected_matches(glob: str) -> set[str]:
+    """fnmatch-style with only * and ? special, case-sensitive: the behaviour every dialect must give."""
+    pattern = re.escape(glob).replace(r"\*", ".*").replace(r"\?", ".")
+    return {name for name in NAMES if re.fullmatch(pattern, name, re.DOTALL)}
+
+
+def add_run(store: Store, run_id: str, name: str, **fields: object) -> None:
+    store.runs.create(run_id, name=name, spec_yaml="", spec_json=json.dumps(fields.pop("spec", {})), spec_hash="-", model="cnn",
+                      strategy="full_finetune", dataset="mnist_bundled", seed=int(fields.pop("seed", 0)), **fields)
+
+
+@pytest.fixture
+def named_store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "results.db")
+    for i, name in enumerate(NAMES):
+        add_run(store, f"{i:012d}", name)
+    return store
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("glob", GLOBS)
+def test_a_name_glob_matches_the_same_names_in_every_dialect(named_store: Store, glob: str, dialect: str) -> None:
+    """SQLite's GLOB and the LIKE other databases get (run here on SQLite, made case-sensitive as
+    PostgreSQL's LIKE is) both match exactly the fnmatch-style names."""
+    names = sa.table("runs", sa.column("name"))
+    with named_store.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA case_sensitive_like=ON")
+        found = set(conn.execute(sa.select(names.c.name).where(glob_match(names.c.name, glob, dialect))).scalars())
+    assert found == expected_matches(glob)
+
+
+@pytest.mark.parametrize("glob", GLOBS)
+def test_runs_and_report_select_the_same_runs_by_name(named_store: Store, glob: str) -> None:
+    listed = {r["name"] for r in named_store.query.runs_table(RunFilter(name_glob=glob))}
+    reported = set(named_store.query.report_runs(RunFilter(name_glob=glob))["name"])
+    assert listed == reported == expected_matches(glob)
+
+
+def test_runs_and_report_apply_every_filter_field_alike(tmp_path: Path) -> None:
+    store = Store(tmp_path / "results.db")
+    add_run(store, "aaaa00000001", "old", spec={"model": {"name": "cnn"}, "seed": 1}, seed=1, started_at=utcnow() - timedelta(days=30))
+    add_run(store, "aaaa00000002", "new", spec={"model": {"name": "mlp"}, "seed": 2}, seed=2)
+    add_run(store, "aaaa00000003", "lost", spec={"model": {"name": "cnn"}, "seed": 3}, seed=3, heartbeat_s=1e-6)
+    store.runs.finish("aaaa00000002", "completed")
+    store.manage.add_tags("aaaa00000002", ["keep", "paper"])
+    store.manage.add_tags("aaaa00000003", ["keep"])
+    filters = {
+        RunFilter(): {"aaaa00000001", "aaaa00000002", "aaaa00000003"},
+        RunFilter(status="lost"): {"aaaa00000003"},
+        RunFilter(status="running"): {"aaaa00000001"},
+        RunFilter(status="completed"): {"aaaa00000002"},
+        RunFilter(name_glob="?e*"): {"aaaa00000002"},
+        RunFilter(since=utcnow() - timedelta(days=1)): {"aaaa00000002", "aaaa00000003"},
+        RunFilter(where=(("model.name", "cnn"),)): {"aaaa00000001", "aaaa00000003"},
+        RunFilter(where=(("seed", 2),)): {"aaaa00000002"},
+        RunFilter(run_ids=("aaaa00000001", "aaaa00000003")): {"aaaa00000001", "aaaa00000003"},
+        RunFilter(tags=("keep",)): {"aaaa00000002", "aaaa00000003"},
+        RunFilter(tags=("keep", "paper")): {"aaaa00000002"},
+        RunFilter(status="lost", tags=("keep",), where=(("model.name", "cnn"),)): {"aaaa00000003"},
+    }
+    for run_filter, expected in filters.items():
+        assert {r["id"] for r in store.query.runs_table(run_filter)} == expected, run_filter
+        assert set(store.query.report_runs(run_filter)["id"]) == expected, run_filter
+        assert set(store.query.report_split_metrics(run_filter)["run_id"]) <= expected, run_filter
+    statuses = {r["id"]: r["status"] for r in store.query.runs_table()}
+    assert statuses == dict(zip(store.query.report_runs(RunFilter())["id"], store.query.report_runs(RunFilter())["status"]))
+    assert [r["id"] for r in store.query.runs_table(limit=2)] == ["aaaa00000003", "aaaa00000002"]  # newest first
+
+
+def test_checkpoint_paths_come_back_as_paths_and_show_keeps_them_as_text(tmp_path: Path) -> None:
+    from runner.reports import run_details
+
+    store = Store(tmp_path / "results.db")
+    add_run(store, "cccc00000001", "ckpt")
+    path = store.run_dir("cccc00000001") / "best.pt"
+    store.runs.save_checkpoint("cccc00000001", "best", 1, path, "0" * 64, 1)
+    assert store.query.checkpoints("cccc00000001")["best"]["path"] == path
+    assert store.artifacts_dir(store.query.run_row("cccc00000001")) == store.run_dir("cccc00000001")
+    assert run_details(store, "cccc")["checkpoints"] == {"best": {"epoch": 1, "path": str(path), "sha256": "0" * 64}}
+
+
+def test_only_the_store_package_imports_sqlalchemy() -> None:
+    importers = []
+    for path in sorted((ROOT / "runner").rglob("*.py")):
+        if (ROOT / "runner" / "store") in path.parents:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        if any(m == "sqlalchemy" or m.startswith("sqlalchemy.") for m in modules):
+            importers.append(str(path.relative_to(ROOT)))
+    assert importers == []
+
+
+def test_the_store_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from runner.store import Store, RunFilter\n"
+        f"store = Store({str(tmp_path / 'r.db')!r})\n"
+        "store.query.runs_table(RunFilter(name_glob='x*')); store.query.report_runs(RunFilter())\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
