@@ -41,3 +41,26 @@ class RunNotFoundError(RunnerError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class RunTakenOver(RunnerError):
+    """Another process owns the run now (it resumed the run while this one was paused or cut off).
+
+    This process must stop without writing anything more for the run: exit code 1.
+    """
+
+    exit_code = 1
+
+    def __init__(self, run_id: str, by: str | None) -> None:
+        super().__init__(f"run {run_id} was taken over by {describe_owner(by)}; stopping without writing")
+        self.run_id = run_id
+
+
+def describe_owner(token: str | None) -> str:
+    """``host:pid:nonce`` (an owner token) as ``pid 123 on host``."""
+    if not token:
+        return "no process (the run is no longer running)"
+    host, _, rest = token.partition(":")
+    pid = rest.partition(":")[0]
+    return f"pid {pid} on {host}" if pid.isdigit() else token
+

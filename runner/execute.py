@@ -7,6 +7,7 @@ spec's weights name (which run first, through it, when the store has no complete
 
 from __future__ import annotations
 
+import _thread
 import json
 import platform
 import socket
@@ -19,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from runner import data as data_mod
 from runner.build import RunParts, build
-from runner.errors import RunnerError, SpecError
+from runner.errors import RunnerError, RunTakenOver, SpecError
 from runner.files import sha256_file
-from runner.lifecycle import heartbeat, signals_deferred, stop_on_signals
+from runner.lifecycle import StopBeating, heartbeat, signals_deferred, stop_on_signals
 from runner.manage import apply_retention
 from runner.performance import applied
 from runner.plan import RunPlan, UpstreamWeights, named_weights, plan
 from runner.rng import preserved, seed_everything
 from runner.spec import Spec, load_spec
-from runner.store import Store
+from runner.store import Store, new_owner
 from runner.training import apply_stage, fit
 from runner.upstream import experiment_chain, find_upstream, upstream_experiment
 from runner.version import __version__
@@ -64,18 +65,20 @@ class RunOutcome:
 
 
 class StoreRecorder:
-    """The training loop's :class:`~runner.training.Recorder`, writing to the results store."""
+    """The training loop's :class:`~runner.training.Recorder`, writing to the results store as the run's owner."""
 
-    def __init__(self, store: Store, run_id: str, checkpoint_epoch: int = 0) -> None:
+    def __init__(self, store: Store, run_id: str, owner: str, checkpoint_epoch: int = 0) -> None:
         self.store = store
         self.run_id = run_id
+        self.owner = owner
         self.checkpoint_epoch = checkpoint_epoch  # of the last checkpoint, where a resume would start
 
     def epoch_done(self, epoch: int, metrics: dict[str, float], duration_s: float, best_epoch: int | None, best_val_accuracy: float | None) -> None:
-        self.store.runs.log_epoch(self.run_id, epoch, metrics, duration_s, best_epoch=best_epoch, best_val_accuracy=best_val_accuracy)
+        self.store.runs.log_epoch(self.run_id, epoch, metrics, duration_s, owner=self.owner, best_epoch=best_epoch,
+                                  best_val_accuracy=best_val_accuracy)
 
     def checkpoint_saved(self, kind: str, epoch: int, path: Path) -> None:
-        self.store.runs.save_checkpoint(self.run_id, kind, epoch, path, sha256_file(path), path.stat().st_size)
+        self.store.runs.save_checkpoint(self.run_id, kind, epoch, path, sha256_file(path), path.stat().st_size, owner=self.owner)
         if kind == "last":
             self.checkpoint_epoch = epoch
 
@@ -183,8 +186,9 @@ def run_experiment(
     run_plan = plan(spec, registries, base_dir=base_dir, upstream=upstream, data=data)
     parts = setup(run_plan, registries, data=data)
     summary = model_summary(parts.model, run_plan.data.input_shape, parts.device)
-    run_id = record_new_run(store, run_plan, summary)
-    return train_run(store, run_id, run_plan, parts, store.run_dir(run_id), quiet)
+    owner = new_owner()
+    run_id = record_new_run(store, run_plan, summary, owner)
+    return train_run(store, run_id, owner, run_plan, parts, store.run_dir(run_id), quiet)
 
 
 def setup(run_plan: RunPlan, registries: Registries, *, data: data_mod.LoadedData | None = None,
@@ -207,12 +211,13 @@ def setup(run_plan: RunPlan, registries: Registries, *, data: data_mod.LoadedDat
     return parts
 
 
-def record_new_run(store: Store, run_plan: RunPlan, summary: str) -> str:
-    """The run's row, ``running``, with its resolved spec, plan and provenance; its id."""
+def record_new_run(store: Store, run_plan: RunPlan, summary: str, owner: str) -> str:
+    """The run's row, ``running`` and owned by ``owner``, with its resolved spec, plan and provenance; its id."""
     run_id = store.new_run_id()
     spec = run_plan.spec
     store.runs.create(
         run_id,
+        owner=owner,
         name=spec.name,
         spec_yaml=spec.to_yaml(),
         spec_json=json.dumps(spec.resolved(), sort_keys=True),
@@ -237,39 +242,62 @@ def record_new_run(store: Store, run_plan: RunPlan, summary: str) -> str:
     return run_id
 
 
+class _Fence:
+    """The heartbeat's view of the run's ownership: when another process took the run over, the
+    heartbeat stops and interrupts the main thread, which then stops without writing."""
+
+    def __init__(self, store: Store, run_id: str, owner: str, heartbeat_s: float) -> None:
+        self.store, self.run_id, self.owner, self.heartbeat_s = store, run_id, owner, heartbeat_s
+        self.lost: RunTakenOver | None = None
+
+    def beat(self) -> None:
+        try:
+            self.store.runs.heartbeat(self.run_id, self.heartbeat_s, owner=self.owner)
+        except RunTakenOver as exc:
+            self.lost = exc
+            _thread.interrupt_main()  # training stops at once, not at its next write
+            raise StopBeating from None
+
+
 def train_run(
-    store: Store, run_id: str, run_plan: RunPlan, parts: RunParts, run_dir: Path, quiet: bool = True,
+    store: Store, run_id: str, owner: str, run_plan: RunPlan, parts: RunParts, run_dir: Path, quiet: bool = True,
     resume_from: dict[str, Any] | None = None,
 ) -> RunOutcome:
-    """Train into the existing run ``run_id`` and store how it ended: completed, interrupted or failed.
+    """Train into the existing run ``run_id``, as its ``owner``, and store how it ended: completed, interrupted or failed.
 
     SIGINT and SIGTERM stop training and leave the run ``interrupted`` with its last checkpoint;
     any other exception leaves it ``failed`` with the error and traceback; the epochs already
     stored stay either way. A heartbeat thread keeps the run from showing as lost while this
-    process lives.
+    process lives. When another process has taken the run over (:class:`RunTakenOver`), this one
+    stops without writing anything more.
     """
-    recorder = StoreRecorder(store, run_id, int(resume_from["epoch"]) if resume_from else 0)
-    heartbeat_s = run_plan.heartbeat_s
+    recorder = StoreRecorder(store, run_id, owner, int(resume_from["epoch"]) if resume_from else 0)
+    fence = _Fence(store, run_id, owner, run_plan.heartbeat_s)
     with stop_on_signals():
         try:
             # threads and cudnn.benchmark are process-wide: set for training, then restored
-            with heartbeat(lambda: store.runs.heartbeat(run_id, heartbeat_s), heartbeat_s), applied(run_plan.performance):
+            with heartbeat(fence.beat, run_plan.heartbeat_s), applied(run_plan.performance):
                 result = fit(run_plan, parts, recorder, run_dir, _progress_factory(quiet), resume_from=resume_from)
                 with signals_deferred(raise_after=False):  # finished: a late signal changes nothing
                     test = {k: v for k, v in result.test.items() if k != "confusion"}
-                    store.runs.save_split_metrics(run_id, "test", test)
+                    store.runs.save_split_metrics(run_id, "test", test, owner=owner)
                     store.runs.finish(
-                        run_id, "completed", stop_reason=result.stop_reason, epochs_run=result.epochs_run,
+                        run_id, "completed", owner=owner, stop_reason=result.stop_reason, epochs_run=result.epochs_run,
                         best_epoch=result.best_epoch, confusion_json=json.dumps(result.test["confusion"]),
                     )
+        except RunTakenOver:
+            raise
         except KeyboardInterrupt as exc:
+            if fence.lost is not None:
+                raise fence.lost from None
             signal_name = getattr(exc, "signal_name", "SIGINT")
             with signals_deferred(raise_after=False):
-                store.runs.finish(run_id, "interrupted", stop_reason=f"interrupted by {signal_name}")
+                store.runs.finish(run_id, "interrupted", owner=owner, stop_reason=f"interrupted by {signal_name}")
             raise RunInterrupted(run_id, signal_name, recorder.checkpoint_epoch) from None
         except Exception as exc:
             with signals_deferred(raise_after=False):
-                store.runs.finish(run_id, "failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), stop_reason="error")
+                store.runs.finish(run_id, "failed", owner=owner, error=f"{type(exc).__name__}: {exc}",
+                                  traceback=traceback.format_exc(), stop_reason="error")
             raise TrainingFailed(run_id, exc) from exc
     # only now: until the run completed, its last checkpoint was what a resume would start from
     apply_retention(store, run_id, run_plan.spec.checkpoints.keep)

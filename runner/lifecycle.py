@@ -106,6 +106,10 @@ def signals_deferred(raise_after: bool = True) -> Iterator[None]:
             raise Interrupted(signum)
 
 
+class StopBeating(Exception):
+    """Raised by a beat to end the heartbeat for good (the run is no longer this process's)."""
+
+
 @contextmanager
 def heartbeat(beat: Callable[[], None], interval: float) -> Iterator[None]:
     """Call ``beat`` every ``interval`` seconds from a daemon thread while the block runs."""
@@ -115,6 +119,8 @@ def heartbeat(beat: Callable[[], None], interval: float) -> Iterator[None]:
         while not stop.wait(interval):
             try:
                 beat()
+            except StopBeating:
+                return
             except Exception:  # noqa: BLE001 - a missed beat must never stop training; the next one retries
                 pass
 
@@ -128,6 +134,6 @@ def heartbeat(beat: Callable[[], None], interval: float) -> Iterator[None]:
 
 
 __all__ = [
-    "DEFAULT_HEARTBEAT_S", "HEARTBEAT_ENV", "Interrupted", "heartbeat", "heartbeat_interval",
+    "DEFAULT_HEARTBEAT_S", "HEARTBEAT_ENV", "Interrupted", "StopBeating", "heartbeat", "heartbeat_interval",
     "signals_deferred", "stop_on_signals",
 ]

@@ -17,7 +17,7 @@ from runner.errors import RunnerError
 from runner.execute import RunOutcome, setup, train_run
 from runner.lifecycle import heartbeat_interval
 from runner.plan import stored_plan
-from runner.store import RESUMABLE, Store
+from runner.store import RESUMABLE, Store, new_owner
 from runner.tensor_files import load_tensors
 
 if TYPE_CHECKING:
@@ -61,12 +61,13 @@ def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = 
     state = load_last_checkpoint(run_dir)
     parts = setup(run_plan, registries, checkpoint=state, verify_weights=True)
     history = state["history"] if state else []
+    owner = new_owner()
     store.runs.claim_for_resume(
-        row["id"], int(state["epoch"]) if state else 0, run_plan.heartbeat_s,
+        row["id"], int(state["epoch"]) if state else 0, run_plan.heartbeat_s, owner=owner,
         best_epoch=state["early_stopping"]["best_epoch"] if state else None,
         best_val_accuracy=max((h["val_accuracy"] for h in history), default=None),
     )
-    return train_run(store, row["id"], run_plan, parts, run_dir, quiet, resume_from=state)
+    return train_run(store, row["id"], owner, run_plan, parts, run_dir, quiet, resume_from=state)
 
 
 __all__ = ["resume_run", "check_resumable", "load_last_checkpoint"]

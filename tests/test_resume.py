@@ -152,6 +152,38 @@ def test_sigkill_shows_lost_within_two_heartbeats_and_resume_completes(run_cli: 
     assert_same_training(run_cli("show", run_id, "--db", db, "--format", "json").json(), uninterrupted)
 
 
+def test_a_paused_run_resumed_elsewhere_stops_without_writing_when_it_wakes(
+    run_cli: Any, tmp_path: Path, uninterrupted: dict[str, Any],
+) -> None:
+    """SIGSTOP for longer than two heartbeats: the run shows lost and is resumed; after SIGCONT the
+    first process finds it no longer owns the run and stops, leaving the resumed run as it is."""
+    import socket
+
+    interval = 1.0
+    db = tmp_path / "results.db"
+    proc = start_run(db, RUNNER_HEARTBEAT_S=str(interval))
+    run_id = wait_for_first_epoch(db, proc)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        paused = time.monotonic()
+        while run_cli("show", run_id, "--db", db, "--format", "json").json()["status"] != "lost":
+            assert time.monotonic() - paused < 20 * interval, "a paused run never showed as lost"
+            time.sleep(0.1)
+        resumed = run_cli("resume", run_id, "--db", db, "-q")
+        assert resumed.exit_code == 0, resumed.err
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines() == [
+        f"error: run {run_id} was taken over by pid {os.getpid()} on {socket.gethostname()}; stopping without writing"
+    ]
+    details = run_cli("show", run_id, "--db", db, "--format", "json").json()
+    assert details["error"] is None and details["traceback"] is None
+    assert_same_training(details, uninterrupted)
+
+
 @pytest.mark.parametrize("failing_epoch", [1, 2])
 def test_failure_after_the_epoch_was_stored_keeps_metrics_and_resume_redoes_that_epoch(
     run_cli: Any, tmp_path: Path, uninterrupted: dict[str, Any], failing_epoch: int,

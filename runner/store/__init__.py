@@ -12,9 +12,11 @@
 from runner.store.database import DB_ENV, DEFAULT_DB, Store, resolve_url
 from runner.store.migrations import SCHEMA_VERSION
 from runner.store.queries import RunFilter
+from runner.store.runs import new_owner
 from runner.store.status import LOST_AFTER_BEATS, RESUMABLE, STATUSES, live_status, utcnow
 
 __all__ = [
+    "new_owner",
     "Store", "RunFilter", "STATUSES", "RESUMABLE", "LOST_AFTER_BEATS", "SCHEMA_VERSION",
     "utcnow", "live_status", "resolve_url", "DB_ENV", "DEFAULT_DB",
 ]

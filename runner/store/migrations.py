@@ -146,7 +146,16 @@ def m003_tags_evaluations(conn: sa.Connection) -> None:
     evaluations.create(conn)
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_lost_after, m003_tags_evaluations]
+def m004_run_owner(conn: sa.Connection) -> None:
+    """Version 4: ``runs.owner``, the token of the one process allowed to write a run (the fence).
+
+    Runs of older stores have no owner: nothing is fenced until a process claims them (resume).
+    """
+    column_type = sa.String().compile(dialect=conn.dialect)
+    conn.execute(sa.text(f"ALTER TABLE runs ADD COLUMN owner {column_type}"))
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_lost_after, m003_tags_evaluations, m004_run_owner]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]

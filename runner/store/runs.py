@@ -2,17 +2,24 @@
 
 Each method is one short transaction (retried while SQLite is locked), so several processes can
 write one store at once.
+
+A run has one owner at a time: the process that created it, or the one that last claimed it
+(resume). The writes of a run's life take that process's ``owner`` token and check, inside their
+transaction, that it is still the run's own; when it is not (the run was resumed elsewhere while
+this process was paused), they raise :class:`RunTakenOver` and write nothing.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from runner.errors import RunNotFoundError, StoreError
+from runner.errors import RunNotFoundError, RunTakenOver, StoreError
 from runner.store.schema import Checkpoint, Epoch, EpochMetric, Evaluation, Run, SplitMetric
 from runner.store.status import RESUMABLE, STATUSES, deadline, status_now, utcnow
 
@@ -20,36 +27,64 @@ if TYPE_CHECKING:
     from runner.store.database import Store
 
 
+def new_owner() -> str:
+    """A token naming this process, unique to one claim of one run: ``host:pid:nonce``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def check_owner(session: Session, run_id: str, owner: str | None) -> None:
+    """Inside a write transaction: ``owner`` (when given) must still be the run's owner.
+
+    The row is locked for the rest of the transaction where the database can (``FOR UPDATE``), so
+    no claim can slip in between this check and the write it guards.
+    """
+    if owner is None:
+        return
+    current = session.execute(sa.select(Run.owner).where(Run.id == run_id).with_for_update()).one_or_none()
+    if current is None:
+        raise RunNotFoundError(f"no run {run_id!r}")
+    if current[0] != owner:
+        raise RunTakenOver(run_id, current[0])
+
+
 class RunWriter:
-    """The writes of a run's life: created ``running``, epochs logged, finished with a status."""
+    """The writes of a run's life: created ``running``, epochs logged, finished with a status.
+
+    ``owner`` (from :func:`new_owner`) fences the writes of a training process: see the module docstring.
+    """
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def create(self, run_id: str, heartbeat_s: float | None = None, **fields: Any) -> str:
-        """A new ``running`` run; with ``heartbeat_s`` it shows as lost unless :meth:`heartbeat` keeps up."""
+    def create(self, run_id: str, heartbeat_s: float | None = None, owner: str | None = None, **fields: Any) -> str:
+        """A new ``running`` run owned by ``owner``; with ``heartbeat_s`` it shows as lost unless :meth:`heartbeat` keeps up."""
         now = utcnow()
         values = {"status": "running", "started_at": now, "heartbeat_at": now, "epochs_run": 0,
-                  "lost_after": deadline(now, heartbeat_s) if heartbeat_s else None,
+                  "lost_after": deadline(now, heartbeat_s) if heartbeat_s else None, "owner": owner,
                   "artifacts_dir": self._store.stored_path(self._store.run_dir(run_id)), **fields}
         self._store.write(lambda s: s.add(Run(id=run_id, **values)))
         return run_id
 
-    def update(self, run_id: str, **fields: Any) -> None:
-        self._store.write(lambda s: s.execute(sa.update(Run).where(Run.id == run_id).values(**fields)))
+    def update(self, run_id: str, owner: str | None = None, **fields: Any) -> None:
+        def write(session: Session) -> None:
+            check_owner(session, run_id, owner)
+            session.execute(sa.update(Run).where(Run.id == run_id).values(**fields))
 
-    def heartbeat(self, run_id: str, heartbeat_s: float | None = None) -> None:
+        self._store.write(write)
+
+    def heartbeat(self, run_id: str, heartbeat_s: float | None = None, owner: str | None = None) -> None:
         """The run is alive; with ``heartbeat_s`` its lost deadline moves on by that many intervals."""
         now = utcnow()
         extra = {"lost_after": deadline(now, heartbeat_s)} if heartbeat_s else {}
-        self.update(run_id, heartbeat_at=now, **extra)
+        self.update(run_id, owner=owner, heartbeat_at=now, **extra)
 
-    def claim_for_resume(self, run_id: str, epoch: int, heartbeat_s: float, **run_fields: Any) -> None:
+    def claim_for_resume(self, run_id: str, epoch: int, heartbeat_s: float, owner: str | None = None, **run_fields: Any) -> None:
         """Make a resumable run ``running`` again from the end of ``epoch``, in one transaction.
 
         Rows of later epochs (written before the process stopped, after its last checkpoint) and
         end-of-run results are deleted. The status check is part of the update, so of two
-        processes resuming one run at once only one gets it.
+        processes resuming one run at once only one gets it; ``owner`` becomes the run's owner, which
+        fences off the process that trained it before (if it still lives).
         """
         now = utcnow()
 
@@ -59,7 +94,7 @@ class RunWriter:
                 .where(Run.id == run_id, status_now(now).in_(RESUMABLE))
                 .values(status="running", ended_at=None, duration_s=None, error=None, traceback=None, stop_reason=None,
                         confusion_json=None, heartbeat_at=now, lost_after=deadline(now, heartbeat_s), epochs_run=epoch,
-                        **run_fields)
+                        owner=owner, **run_fields)
             )
             if claimed.rowcount != 1:
                 raise StoreError(f"run {run_id} cannot be resumed: it is no longer {' or '.join(RESUMABLE)}")
@@ -69,11 +104,13 @@ class RunWriter:
 
         self._store.write(write)
 
-    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float], duration_s: float, **run_fields: Any) -> None:
+    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float], duration_s: float, owner: str | None = None,
+                  **run_fields: Any) -> None:
         """One transaction per epoch: the metrics, the timing and the run's progress columns."""
         now = utcnow()
 
         def write(session: Session) -> None:
+            check_owner(session, run_id, owner)
             session.execute(
                 sa.insert(EpochMetric),
                 [{"run_id": run_id, "epoch": epoch, "name": k, "value": float(v)} for k, v in metrics.items()],
@@ -83,8 +120,9 @@ class RunWriter:
 
         self._store.write(write)
 
-    def save_split_metrics(self, run_id: str, split: str, metrics: dict[str, float]) -> None:
+    def save_split_metrics(self, run_id: str, split: str, metrics: dict[str, float], owner: str | None = None) -> None:
         def write(session: Session) -> None:
+            check_owner(session, run_id, owner)
             session.execute(sa.delete(SplitMetric).where(SplitMetric.run_id == run_id, SplitMetric.split == split))
             session.execute(
                 sa.insert(SplitMetric),
@@ -93,16 +131,23 @@ class RunWriter:
 
         self._store.write(write)
 
-    def save_checkpoint(self, run_id: str, kind: str, epoch: int, path: str | os.PathLike[str], sha256: str, size_bytes: int) -> None:
+    def save_checkpoint(self, run_id: str, kind: str, epoch: int, path: str | os.PathLike[str], sha256: str, size_bytes: int,
+                        owner: str | None = None) -> None:
         stored = self._store.stored_path(path)
-        self._store.write(lambda s: s.merge(Checkpoint(run_id=run_id, kind=kind, epoch=epoch, path=stored, sha256=sha256, size_bytes=size_bytes)))
 
-    def finish(self, run_id: str, status: str, **fields: Any) -> None:
+        def write(session: Session) -> None:
+            check_owner(session, run_id, owner)
+            session.merge(Checkpoint(run_id=run_id, kind=kind, epoch=epoch, path=stored, sha256=sha256, size_bytes=size_bytes))
+
+        self._store.write(write)
+
+    def finish(self, run_id: str, status: str, owner: str | None = None, **fields: Any) -> None:
         """The run ended with ``status``: its end time and duration, and any other columns given."""
         assert status in STATUSES, status
         ended = utcnow()
 
         def write(session: Session) -> None:
+            check_owner(session, run_id, owner)
             run = session.get(Run, run_id)
             if run is None:
                 raise RunNotFoundError(f"no run {run_id!r}")
@@ -125,4 +170,4 @@ class RunWriter:
         return self._store.write(write)
 
 
-__all__ = ["RunWriter"]
+__all__ = ["RunWriter", "new_owner", "check_owner"]

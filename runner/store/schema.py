@@ -64,6 +64,8 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(sa.Text)
     traceback: Mapped[str | None] = mapped_column(sa.Text)
     artifacts_dir: Mapped[str | None] = mapped_column(sa.String)
+    # the process that may write this run's rows ("host:pid:nonce"); every other process is fenced off
+    owner: Mapped[str | None] = mapped_column(sa.String)
 
 
 class EpochMetric(Base):
