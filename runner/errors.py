@@ -51,8 +51,9 @@ class RunTakenOver(RunnerError):
 
     exit_code = 1
 
-    def __init__(self, run_id: str, by: str | None) -> None:
-        super().__init__(f"run {run_id} was taken over by {describe_owner(by)}; stopping without writing")
+    def __init__(self, run_id: str, by: str | None, deleted: bool = False) -> None:
+        what = "was deleted" if deleted else f"was taken over by {describe_owner(by)}"
+        super().__init__(f"run {run_id} {what}; stopping without writing")
         self.run_id = run_id
 
 

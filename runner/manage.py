@@ -2,7 +2,9 @@
 
 Rows go through the store; files are removed here. Deleting removes a run's rows first, in one
 transaction, then its files: an interruption in between leaves files without rows (freed by
-deleting the directory), never rows that point at missing files. No torch import.
+deleting the directory), never rows that point at missing files. Only files inside the store's own
+artefact root are ever removed (:meth:`Store.owns`): a copied store never deletes the original's.
+No torch import.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 
 from runner.ages import cutoff
 from runner.errors import RunnerError
+from runner.files import remove_stale_temporaries, stale_temporaries
 from runner.store import Store, utcnow
 
 KEEP_POLICIES = ("best", "last", "both", "all")
@@ -104,6 +107,9 @@ def apply_retention(store: Store, run_id: str, keep: str) -> tuple[int, int]:
     removed = freed = 0
     for kind in checkpoints_to_remove(sorted(records), keep):
         path = records[kind]["path"]
+        if not store.owns(path):
+            print(f"warning: kept {path}: it is outside the store's artefact root {store.artifacts_root}", file=sys.stderr)
+            continue
         try:
             freed += _remove_file(path)
         except OSError as exc:
@@ -122,10 +128,13 @@ class PruneResult:
     files_removed: int = 0
     bytes_freed: int = 0
     dry_run: bool = False
+    temporaries_removed: int = 0  # partial files of killed processes (see runner.files.stale_temporaries)
+    temporaries_bytes: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {"keep": self.keep, "runs_considered": self.runs_considered, "runs_pruned": self.runs_pruned,
-                "files_removed": self.files_removed, "bytes_freed": self.bytes_freed, "dry_run": self.dry_run}
+                "files_removed": self.files_removed, "bytes_freed": self.bytes_freed, "dry_run": self.dry_run,
+                "temporaries_removed": self.temporaries_removed, "temporaries_bytes": self.temporaries_bytes}
 
 
 def prune_candidates(store: Store, keep: str, older_than: str | None = None, now: datetime | None = None) -> dict[str, list[str]]:
@@ -144,9 +153,15 @@ def prune_candidates(store: Store, keep: str, older_than: str | None = None, now
 
 
 def prune(store: Store, keep: str = "best", older_than: str | None = None, dry_run: bool = False) -> PruneResult:
-    """Apply a retention policy to old completed runs; how many files and bytes it freed."""
+    """Apply a retention policy to old completed runs, and remove the partial files killed processes
+    left anywhere under the artefact root; how many files and bytes it freed."""
     candidates = prune_candidates(store, keep, older_than)
     result = PruneResult(keep=keep, runs_considered=len(store.query.completed_runs()), dry_run=dry_run)
+    if dry_run:
+        stale = stale_temporaries(store.artifacts_root)
+        result.temporaries_removed, result.temporaries_bytes = len(stale), sum(_size(p) for p in stale)
+    else:
+        result.temporaries_removed, result.temporaries_bytes = remove_stale_temporaries(store.artifacts_root)
     for run_id, kinds in candidates.items():
         records = store.query.checkpoints(run_id)
         if dry_run:
@@ -167,31 +182,51 @@ def prune(store: Store, keep: str = "best", older_than: str | None = None, dry_r
 @dataclass
 class DeletePlan:
     run_ids: list[str]
-    paths: list[Path]  # artefact directories and files outside them
+    paths: list[Path]  # artefact directories and files outside them, all inside the store's artefact root
     bytes: int
+    kept: list[Path] = field(default_factory=list)  # the runs' files outside that root: never deleted
+
+
+def check_deletable(row: dict[str, object], force: bool) -> None:
+    """A run whose process is alive is never deleted; ``force`` deletes one marked running that has no heartbeat to tell."""
+    if row["status"] != "running":
+        return  # a running run that missed two heartbeats reads as lost
+    if row["lost_after"] is not None:
+        beat = row["heartbeat_at"]
+        last = f"last heartbeat {beat:%Y-%m-%d %H:%M:%S} UTC" if isinstance(beat, datetime) else "no heartbeat yet"
+        raise ManageError(f"run {row['id']} is running ({last}); stop it first: it can be deleted once it has stopped, "
+                          f"or has missed two heartbeats and shows as lost")
+    if not force:
+        raise ManageError(f"run {row['id']} is running; stop it first (or pass --force if its process is gone)")
+
+
+def run_files(store: Store, row: dict[str, object]) -> list[Path]:
+    """A run's artefact directory (when it is the run's own) and its checkpoint files outside it."""
+    directory = store.artifacts_dir(row)
+    own = directory if directory.name == row["id"] else None  # never a shared directory a row might name
+    paths = [own] if own is not None else []
+    for record in store.query.checkpoints(str(row["id"])).values():
+        path = record["path"]
+        if (own is None or own not in path.parents) and path not in paths:
+            paths.append(path)
+    return paths
 
 
 def delete_plan(store: Store, run_ids: Sequence[str], force: bool = False) -> DeletePlan:
     """Resolve ids (prefixes allowed) and find each run's files; a live running run is refused."""
     ids: list[str] = []
     paths: list[Path] = []
+    kept: list[Path] = []
     for given in run_ids:
         row = store.query.run_row(given)
-        if row["status"] == "running" and not force:
-            raise ManageError(f"run {row['id']} is running; stop it first (or pass --force if its process is gone)")
+        check_deletable(row, force)
         if row["id"] in ids:
             continue
         ids.append(row["id"])
-        directory = store.artifacts_dir(row)
-        own = directory if directory.name == row["id"] else None  # never a shared directory a row might name
-        if own is not None:
-            paths.append(own)
-        for record in store.query.checkpoints(row["id"]).values():
-            path = record["path"]
-            if (own is None or own not in path.parents) and path not in paths:
-                paths.append(path)
+        for path in run_files(store, row):
+            (paths if store.owns(path) else kept).append(path)
     total = sum(directory_bytes(p) if p.is_dir() else _size(p) for p in paths)
-    return DeletePlan(ids, paths, total)
+    return DeletePlan(ids, paths, total, kept)
 
 
 def delete_runs(store: Store, plan: DeletePlan) -> int:

@@ -114,7 +114,7 @@ def test_delete_leaves_no_rows_and_no_files_of_the_run(run_cli, tiny_spec, db, m
 
     monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
     refused = run_cli("delete", doomed, "--db", db)
-    assert refused.exit_code == 130 and "aborted" in refused.err
+    assert (refused.exit_code, refused.err) == (1, "nothing deleted\n")  # a "no" is not an interruption (130)
     assert rows_of(db, doomed)["runs"] == 1 and (db.parent / "runs" / doomed).is_dir()
 
     result = run_cli("delete", doomed[:8], "--db", db, "--yes")
@@ -127,14 +127,27 @@ def test_delete_leaves_no_rows_and_no_files_of_the_run(run_cli, tiny_spec, db, m
     assert run_cli("show", doomed, "--db", db).exit_code == 2
 
 
-def test_delete_refuses_a_running_run_unless_forced(run_cli, tiny_spec, db):
-    run_id = train(run_cli, tiny_spec, db)
+def test_delete_refuses_a_live_run_even_forced_and_a_run_without_heartbeat_unless_forced(run_cli, tiny_spec, db):
+    """A run whose heartbeat is fresh has a live process writing it: deleting it would pull the run
+    from under that process, so --force does not apply. A run marked running with no heartbeat
+    deadline cannot say whether its process lives: --force deletes it."""
+    live, silent = train(run_cli, tiny_spec, db), train(run_cli, tiny_spec, db, "seed=1")
     with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE runs SET status = 'running', lost_after = '2999-01-01 00:00:00' WHERE id = ?", (run_id,))
-    result = run_cli("delete", run_id, "--db", db, "--yes")
-    assert result.exit_code == 2 and "is running" in result.err and "--force" in result.err
-    assert run_cli("delete", run_id, "--db", db, "--yes", "--force").exit_code == 0
-    assert query(db, "SELECT COUNT(*) FROM runs") == [(0,)]
+        conn.execute("UPDATE runs SET status = 'running', heartbeat_at = '2999-01-01 00:00:00', lost_after = '2999-01-01 00:00:10' "
+                     "WHERE id = ?", (live,))
+        conn.execute("UPDATE runs SET status = 'running', lost_after = NULL WHERE id = ?", (silent,))
+    before = rows_of(db, live), run_files(db, live)
+    for flags in ((), ("--force",)):
+        result = run_cli("delete", live, "--db", db, "--yes", *flags)
+        assert result.exit_code == 2, flags
+        assert result.err == (f"error: run {live} is running (last heartbeat 2999-01-01 00:00:00 UTC); stop it first: it can be "
+                              "deleted once it has stopped, or has missed two heartbeats and shows as lost\n")
+    assert (rows_of(db, live), run_files(db, live)) == before  # nothing of it lost
+
+    refused = run_cli("delete", silent, "--db", db, "--yes")
+    assert refused.exit_code == 2 and "is running" in refused.err and "--force" in refused.err
+    assert run_cli("delete", silent, "--db", db, "--yes", "--force").exit_code == 0
+    assert query(db, "SELECT id FROM runs") == [(live,)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -191,3 +204,37 @@ def test_ages(text, seconds):
     from runner.ages import parse_age
 
     assert parse_age(text).total_seconds() == seconds
+
+
+# ------------------------------------------------------------------------------------------
+# Names that would rewrite the terminal
+
+
+def test_show_and_runs_print_control_characters_of_a_run_name_as_escapes(run_cli, tiny_spec, db):
+    name = "\x1b[2J\x1b[Hcleared\rover\u202eevil"
+    run_id = train(run_cli, tiny_spec, db, 'name="\\e[2J\\e[Hcleared\\rover\\u202eevil"')  # YAML's escapes
+    shown = run_cli("show", run_id, "--db", db)
+    listed = run_cli("runs", "--db", db)
+    for output in (shown.out, listed.out):
+        assert "\x1b" not in output and "\r" not in output and "\u202e" not in output
+        assert "\\x1b[2J\\x1b[Hcleared\\x0dover\\u202eevil" in output
+    assert f"{'name':18} \\x1b[2J\\x1b[Hcleared\\x0dover\\u202eevil" in shown.out.splitlines()
+    assert run_cli("show", run_id, "--db", db, "--format", "json").json()["name"] == name  # the data itself is kept as it is
+
+
+def test_a_process_whose_run_was_deleted_stops_without_writing(tmp_path):
+    """A lost run is deleted while its process was only paused: waking, the process's next write
+    finds no run and is told so, as when the run was taken over (it then stops without writing)."""
+    from runner.errors import RunTakenOver
+    from runner.store import Store, new_owner
+
+    store = Store(tmp_path / "results.db")
+    owner = new_owner()
+    store.runs.create("paused000000", heartbeat_s=60, owner=owner, name="x", spec_yaml="", spec_json="{}", spec_hash="-",
+                      model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
+    store.manage.delete_runs(["paused000000"])
+    with pytest.raises(RunTakenOver, match=r"^run paused000000 was deleted; stopping without writing$"):
+        store.runs.heartbeat("paused000000", 60, owner=owner)
+    with pytest.raises(RunTakenOver):
+        store.runs.check_owner("paused000000", owner)
+    assert store.query.count_runs() == 0

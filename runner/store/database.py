@@ -2,7 +2,12 @@
 
 Default ``sqlite:///results.db`` in the working directory; ``--db URL|PATH`` or ``RUNNER_DB``
 choose another. Run artefacts (checkpoints) live beside an SQLite file in ``runs/<run id>/``, so two
-stores never share artefacts.
+stores never share artefacts. Rows record those paths relative to that ``runs/`` directory, so a
+store moved or copied with its ``runs/`` finds its own files, never the original's.
+
+A store whose file or directory this process cannot write is opened read-only for the commands that
+only read (SQLite's ``mode=ro``, and ``immutable=1`` where not even its ``-shm`` file can be made).
+Every database error reaches the caller as one :class:`StoreError` line naming the store and the cause.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ import random
 import time
 import uuid
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from runner.errors import StoreError
@@ -29,8 +36,12 @@ from runner.store.schema import Base, Meta
 
 DEFAULT_DB = "results.db"
 DB_ENV = "RUNNER_DB"
+READ_ONLY_HINT = ": check the permissions of the file and its directory"
 
 T = TypeVar("T")
+
+# inside Store.write (per thread): a database error then says the store could not be written, else read
+_writing: ContextVar[bool] = ContextVar("runner_store_writing", default=False)
 
 
 def resolve_url(db: str | os.PathLike[str] | None) -> str:
@@ -52,17 +63,49 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_read_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # a read-only connection cannot switch the journal mode; it only waits for writers elsewhere
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _transient(exc: BaseException) -> bool:
+    """SQLite found the database locked (another writer): worth trying again."""
+    return any(word in str(exc) for word in ("locked", "busy", "already exists"))
+
+
 def _retrying(action: Callable[[], T], attempts: int = 8) -> T:
     """Retry an SQLite write that found the database locked, with jittered exponential back-off."""
     for attempt in range(attempts):
         try:
             return action()
         except OperationalError as exc:
-            transient = any(word in str(exc) for word in ("locked", "busy", "already exists"))
-            if not transient or attempt == attempts - 1:
+            if not _transient(exc) or attempt == attempts - 1:
                 raise
             time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+def cause_of(exc: BaseException) -> str:
+    """A database error's cause in one line, without SQLAlchemy's SQL and parameters."""
+    original = getattr(exc, "orig", None) or getattr(exc, "original_exception", None) or exc
+    text = str(original).strip()
+    return text.splitlines()[0] if text else type(original).__name__
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write the SQLite file and create its ``-wal``/``-shm`` files beside it."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _read_only_url(path: Path) -> str:
+    """SQLite's read-only URI. Reading a WAL store needs its ``-wal`` and ``-shm`` files, made when
+    missing; where they are missing and cannot be made (a read-only directory) the file alone is
+    read as ``immutable``, which is all it is then."""
+    wal_files = all(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    options = "mode=ro" if wal_files or os.access(path.parent, os.W_OK) else "mode=ro&immutable=1"
+    return f"sqlite:///file:{quote(str(path))}?{options}&uri=true"
 
 
 class Store:
@@ -77,20 +120,26 @@ class Store:
         self.url = resolve_url(db)
         self.is_sqlite = self.url.startswith("sqlite")
         self.path = Path(self.url.split("///", 1)[1]) if self.is_sqlite and "///" in self.url else None
+        # where relative artefact paths point: runs/ beside the file, wherever the store now is
+        self.relative_root = self.path.parent / "runs" if self.path is not None else None
         if artifacts is not None:
             self.artifacts_root = Path(artifacts).expanduser().resolve()
-        elif self.path is not None:
-            self.artifacts_root = self.path.parent / "runs"
         else:
-            self.artifacts_root = Path.cwd() / "runs"
+            self.artifacts_root = self.relative_root or Path.cwd() / "runs"
         if self.path is not None and not create and not self.path.exists():
             raise StoreError(f"no results store at {self.path} (run an experiment first, or pass --db)")
         if self.path is not None and not self.path.parent.is_dir():
             raise StoreError(f"cannot create the store {self.path}: directory {self.path.parent} does not exist")
-        self.engine = sa.create_engine(self.url, future=True)
+        # a store this process cannot write is opened read-only for the commands that may only read
+        # (create=False); the others are refused before they do any work
+        self.read_only = self.path is not None and self.path.exists() and not _writable(self.path)
+        if self.read_only and create:
+            raise StoreError(f"cannot use the store {self.location}: it is read-only here{READ_ONLY_HINT}")
+        self.engine = sa.create_engine(_read_only_url(self.path) if self.read_only else self.url, future=True)  # type: ignore[arg-type]
         if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_read_pragmas if self.read_only else _sqlite_pragmas)
         self._prepare()
+        event.listen(self.engine, "handle_error", self._one_line_error)
         self.runs = RunWriter(self)
         self.query = RunQueries(self)
         self.manage = RunManagement(self)
@@ -100,13 +149,43 @@ class Store:
         """The store as messages name it: its file, else its URL."""
         return str(self.path or self.url)
 
+    def _one_line_error(self, context: Any) -> None:
+        """Every database error but a lock (which :func:`_retrying` waits out) becomes one :class:`StoreError` line."""
+        if _transient(context.original_exception):
+            return
+        writing = _writing.get()
+        hint = f" (the store is read-only here{READ_ONLY_HINT})" if self.read_only and writing else ""
+        raise StoreError(f"cannot {'write to' if writing else 'read'} the store {self.location}: "
+                         f"{cause_of(context.original_exception)}{hint}")
+
     # ---- schema -------------------------------------------------------------------------------
     def _prepare(self) -> None:
         try:
-            _retrying(self._create_or_check_schema)
+            if self.read_only:
+                self._check_schema_read_only()
+            else:
+                _retrying(self._create_or_check_schema)
         except DatabaseError as exc:
-            message = str(exc.orig) if getattr(exc, "orig", None) else str(exc)
-            raise StoreError(f"cannot use the store {self.location}: {message.splitlines()[0]}") from None
+            raise StoreError(f"cannot use the store {self.location}: {cause_of(exc)}") from None
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store {self.location} has schema version {version}, newer than this runner "
+                f"understands ({SCHEMA_VERSION}); upgrade runner-dl"
+            )
+
+    def _check_schema_read_only(self) -> None:
+        """A store this process cannot write is read as it is: it must already have the current schema."""
+        with self.engine.connect() as conn:
+            has_meta = sa.inspect(conn).has_table(Meta.__tablename__)
+            version = conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar() if has_meta else None
+        if version is None:
+            raise StoreError(f"{self.location} is not a runner results store")
+        self._check_version(int(version))
+        if int(version) < SCHEMA_VERSION:
+            raise StoreError(f"the store {self.location} is read-only here and has schema version {version}: open it once "
+                             f"with write access so that this runner can upgrade it to version {SCHEMA_VERSION}")
 
     @contextmanager
     def _schema_transaction(self) -> Iterator[sa.Connection]:
@@ -131,11 +210,7 @@ class Store:
                 conn.execute(sa.insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
                 return
             version = int(version)
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"the store {self.location} has schema version {version}, newer than this runner "
-                f"understands ({SCHEMA_VERSION}); upgrade runner-dl"
-            )
+        self._check_version(version)
         for number in range(version + 1, SCHEMA_VERSION + 1):
             self._migrate_to(number)
 
@@ -158,10 +233,17 @@ class Store:
         ``action`` may run more than once: it must do nothing outside the session.
         """
         def attempt() -> T:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                return action(session)
+            writing = _writing.set(True)
+            try:
+                with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                    return action(session)
+            finally:
+                _writing.reset(writing)
 
-        return _retrying(attempt)
+        try:
+            return _retrying(attempt)
+        except DBAPIError as exc:  # still locked after every retry
+            raise StoreError(f"cannot write to the store {self.location}: {cause_of(exc)}") from None
 
     # ---- runs and their artefacts -----------------------------------------------------------------
     def new_run_id(self) -> str:
@@ -174,14 +256,30 @@ class Store:
     def artifact_path(self, stored: str | os.PathLike[str]) -> Path:
         """Where an artefact path read from a row (a checkpoint's ``path``, a run's ``artifacts_dir``) is.
 
-        Every artefact path the store hands out comes through here. Rows hold absolute paths today;
-        relative ones would be resolved against ``artifacts_root`` here.
+        Every artefact path the store hands out comes through here. A relative path is resolved
+        against ``runs/`` beside this store's file, wherever the store is now; an absolute one (a
+        store written before paths were relative, or an ``--artifacts`` directory elsewhere) is
+        used as it is.
         """
-        return Path(stored)
+        path = Path(stored)
+        return path if path.is_absolute() else (self.relative_root or self.artifacts_root) / path
 
     def stored_path(self, path: str | os.PathLike[str]) -> str:
-        """An artefact path as a row holds it (the inverse of :meth:`artifact_path`)."""
-        return str(path)
+        """An artefact path as a row holds it (the inverse of :meth:`artifact_path`): relative to
+        ``runs/`` beside the store's file when it lies there, so that the store can move; else absolute."""
+        absolute = Path(path).absolute()
+        if self.relative_root is not None and absolute.is_relative_to(self.relative_root):
+            return absolute.relative_to(self.relative_root).as_posix()
+        return str(absolute)
+
+    def owns(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` lies inside this store's own artefact root: the only files it may delete.
+
+        Symbolic links and ``..`` are resolved first, so no row can point a deletion elsewhere.
+        """
+        root = self.artifacts_root.resolve()
+        resolved = Path(path).resolve()
+        return resolved != root and resolved.is_relative_to(root)
 
     def artifacts_dir(self, row: dict[str, Any]) -> Path:
         """A run's artefact directory, from its row (``run_row``): the stored one, else :meth:`run_dir`."""

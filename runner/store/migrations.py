@@ -155,7 +155,103 @@ def m004_run_owner(conn: sa.Connection) -> None:
     conn.execute(sa.text(f"ALTER TABLE runs ADD COLUMN owner {column_type}"))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_lost_after, m003_tags_evaluations, m004_run_owner]
+def _rebuild_sqlite_table(conn: sa.Connection, table: sa.Table, indexes: list[tuple[str, str]]) -> None:
+    """SQLite cannot change a column's constraints in place: copy the rows into ``table`` built anew.
+
+    ``table`` is named ``<name>__new``; ``indexes`` are (index name, column) pairs made once it has
+    the old table's name. Foreign keys stay on: only child tables are rebuilt, nothing refers to them.
+    """
+    name = table.name.removesuffix("__new")
+    columns = ", ".join(c.name for c in table.columns)
+    table.create(conn)
+    conn.execute(sa.text(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {name}"))
+    conn.execute(sa.text(f"DROP TABLE {name}"))
+    conn.execute(sa.text(f"ALTER TABLE {table.name} RENAME TO {name}"))
+    for index, column in indexes:
+        conn.execute(sa.text(f"CREATE INDEX {index} ON {name} ({column})"))
+
+
+def _values_may_be_null(conn: sa.Connection) -> None:
+    metadata = sa.MetaData()
+    runs = sa.Table("runs", metadata, sa.Column("id", sa.String, primary_key=True))
+
+    def run_id(primary_key: bool = True) -> sa.Column:
+        return sa.Column("run_id", sa.String, sa.ForeignKey(runs.c.id, ondelete="CASCADE"), primary_key=primary_key,
+                         nullable=False)
+
+    rebuilt = [
+        (sa.Table(
+            "epoch_metrics__new", metadata, run_id(),
+            sa.Column("epoch", sa.Integer, primary_key=True),
+            sa.Column("name", sa.String, primary_key=True),
+            sa.Column("value", sa.Float),
+        ), []),
+        (sa.Table(
+            "split_metrics__new", metadata, run_id(),
+            sa.Column("split", sa.String, primary_key=True),
+            sa.Column("name", sa.String, primary_key=True),
+            sa.Column("value", sa.Float),
+        ), []),
+        (sa.Table(
+            "evaluations__new", metadata,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            run_id(primary_key=False),
+            sa.Column("created_at", sa.DateTime, nullable=False),
+            sa.Column("split", sa.String, nullable=False),
+            sa.Column("checkpoint", sa.String, nullable=False),
+            sa.Column("checkpoint_epoch", sa.Integer),
+            sa.Column("dataset", sa.String, nullable=False),
+            sa.Column("overrides_json", sa.Text, nullable=False),
+            sa.Column("device", sa.String),
+            sa.Column("samples", sa.Integer, nullable=False),
+            sa.Column("loss", sa.Float),
+            sa.Column("accuracy", sa.Float, nullable=False),
+            sa.Column("f1_macro", sa.Float, nullable=False),
+        ), [("ix_evaluations_run_id", "run_id")]),
+    ]
+    if conn.dialect.name == "sqlite":
+        for table, indexes in rebuilt:
+            _rebuild_sqlite_table(conn, table, indexes)
+        return
+    for table, column in (("epoch_metrics", "value"), ("split_metrics", "value"), ("evaluations", "loss")):
+        conn.execute(sa.text(f"ALTER TABLE {table} ALTER COLUMN {column} DROP NOT NULL"))
+
+
+def _relative_artifact_paths(conn: sa.Connection) -> None:
+    database = conn.engine.url.database or ""
+    if conn.dialect.name != "sqlite" or not database.startswith("/"):
+        return
+    root = database[: database.rfind("/")] + "/runs/"
+    metadata = sa.MetaData()
+    runs = sa.Table("runs", metadata, sa.Column("id", sa.String, primary_key=True), sa.Column("artifacts_dir", sa.String))
+    checkpoints = sa.Table(
+        "checkpoints", metadata,
+        sa.Column("run_id", sa.String, primary_key=True), sa.Column("kind", sa.String, primary_key=True), sa.Column("path", sa.String),
+    )
+    for run_id, directory in conn.execute(sa.select(runs.c.id, runs.c.artifacts_dir)).all():
+        if directory and directory.startswith(root):
+            conn.execute(sa.update(runs).where(runs.c.id == run_id).values(artifacts_dir=directory.removeprefix(root)))
+    for run_id, kind, path in conn.execute(sa.select(checkpoints.c.run_id, checkpoints.c.kind, checkpoints.c.path)).all():
+        if path.startswith(root):
+            conn.execute(sa.update(checkpoints).where(checkpoints.c.run_id == run_id, checkpoints.c.kind == kind)
+                         .values(path=path.removeprefix(root)))
+
+
+def m005_portable_paths_and_missing_values(conn: sa.Connection) -> None:
+    """Version 5: artefact paths relative to the store's ``runs/``, and metric values that may be missing.
+
+    Checkpoint paths and run directories inside ``runs/`` beside the store's file become relative
+    to it, so that the store can be moved or copied with its runs; paths elsewhere stay absolute.
+    A metric that is not a finite number (a diverged loss) is stored as NULL: ``epoch_metrics.value``,
+    ``split_metrics.value`` and ``evaluations.loss`` lose their NOT NULL.
+    """
+    _values_may_be_null(conn)
+    _relative_artifact_paths(conn)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [
+    m001_initial, m002_lost_after, m003_tags_evaluations, m004_run_owner, m005_portable_paths_and_missing_values,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]

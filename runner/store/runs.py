@@ -41,8 +41,8 @@ def check_owner(session: Session, run_id: str, owner: str | None) -> None:
     if owner is None:
         return
     current = session.execute(sa.select(Run.owner).where(Run.id == run_id).with_for_update()).one_or_none()
-    if current is None:
-        raise RunNotFoundError(f"no run {run_id!r}")
+    if current is None:  # deleted (a lost run whose process was only paused): its files must not come back either
+        raise RunTakenOver(run_id, None, deleted=True)
     if current[0] != owner:
         raise RunTakenOver(run_id, current[0])
 
@@ -71,6 +71,10 @@ class RunWriter:
             session.execute(sa.update(Run).where(Run.id == run_id).values(**fields))
 
         self._store.write(write)
+
+    def check_owner(self, run_id: str, owner: str) -> None:
+        """Raise :class:`RunTakenOver` unless ``owner`` still owns the run (before a checkpoint file replaces the last one)."""
+        self._store.write(lambda session: check_owner(session, run_id, owner))
 
     def heartbeat(self, run_id: str, heartbeat_s: float | None = None, owner: str | None = None) -> None:
         """The run is alive; with ``heartbeat_s`` its lost deadline moves on by that many intervals."""

@@ -63,7 +63,7 @@ class Run(Base):
     best_val_accuracy: Mapped[float | None] = mapped_column(sa.Float)
     error: Mapped[str | None] = mapped_column(sa.Text)
     traceback: Mapped[str | None] = mapped_column(sa.Text)
-    artifacts_dir: Mapped[str | None] = mapped_column(sa.String)
+    artifacts_dir: Mapped[str | None] = mapped_column(sa.String)  # as Checkpoint.path
     # the process that may write this run's rows ("host:pid:nonce"); every other process is fenced off
     owner: Mapped[str | None] = mapped_column(sa.String)
 
@@ -73,7 +73,7 @@ class EpochMetric(Base):
     run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     epoch: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     name: Mapped[str] = mapped_column(sa.String, primary_key=True)
-    value: Mapped[float] = mapped_column(sa.Float)
+    value: Mapped[float | None] = mapped_column(sa.Float)  # NULL: not a finite number (a diverged loss)
 
 
 class Epoch(Base):
@@ -93,7 +93,7 @@ class SplitMetric(Base):
     run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     split: Mapped[str] = mapped_column(sa.String, primary_key=True)
     name: Mapped[str] = mapped_column(sa.String, primary_key=True)
-    value: Mapped[float] = mapped_column(sa.Float)
+    value: Mapped[float | None] = mapped_column(sa.Float)  # NULL: not a finite number
 
 
 class Checkpoint(Base):
@@ -101,7 +101,8 @@ class Checkpoint(Base):
     run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     kind: Mapped[str] = mapped_column(sa.String, primary_key=True)  # best | last
     epoch: Mapped[int] = mapped_column(sa.Integer)
-    path: Mapped[str] = mapped_column(sa.String)  # read and written through Store.artifact_path / stored_path
+    # relative to runs/ beside the store (absolute elsewhere): read and written through Store.artifact_path / stored_path
+    path: Mapped[str] = mapped_column(sa.String)
     sha256: Mapped[str] = mapped_column(sa.String)
     size_bytes: Mapped[int] = mapped_column(sa.Integer)
 
@@ -128,7 +129,7 @@ class Evaluation(Base):
     overrides_json: Mapped[str] = mapped_column(sa.Text)  # the data.* overrides, [] for the run's own data
     device: Mapped[str | None] = mapped_column(sa.String)
     samples: Mapped[int] = mapped_column(sa.Integer)
-    loss: Mapped[float] = mapped_column(sa.Float)
+    loss: Mapped[float | None] = mapped_column(sa.Float)  # NULL: not a finite number
     accuracy: Mapped[float] = mapped_column(sa.Float)
     f1_macro: Mapped[float] = mapped_column(sa.Float)
 
