@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from runner import data as data_mod
 from runner.build import RunParts, build
-from runner.errors import RunnerError, RunTakenOver, SpecError
+from runner.errors import RunnerError, RunTakenOver, SpecError, StoreError
 from runner.files import sha256_file
 from runner.lifecycle import StopBeating, heartbeat, signals_deferred, stop_on_signals
 from runner.manage import apply_retention
@@ -38,12 +38,16 @@ if TYPE_CHECKING:
 
 
 class TrainingFailed(Exception):
-    """Training raised after the run row existed; the run is stored as ``failed`` (exit code 1)."""
+    """Training raised after the run row existed; the run is stored as ``failed`` (exit code 1).
+
+    ``unrecorded``: why the store could not even record the failure (it is full, read-only, damaged).
+    """
 
     exit_code = 1
 
-    def __init__(self, run_id: str, error: BaseException) -> None:
-        super().__init__(f"run {run_id} failed: {type(error).__name__}: {error}")
+    def __init__(self, run_id: str, error: BaseException, unrecorded: BaseException | None = None) -> None:
+        note = f"; the run could not be marked failed: {unrecorded}" if unrecorded is not None else ""
+        super().__init__(f"run {run_id} failed: {type(error).__name__}: {error}{note}")
         self.run_id = run_id
 
 
@@ -81,6 +85,9 @@ class StoreRecorder:
         self.store.runs.save_checkpoint(self.run_id, kind, epoch, path, sha256_file(path), path.stat().st_size, owner=self.owner)
         if kind == "last":
             self.checkpoint_epoch = epoch
+
+    def check_owner(self) -> None:
+        self.store.runs.check_owner(self.run_id, self.owner)
 
 
 # ------------------------------------------------------------------------------------------
@@ -242,6 +249,17 @@ def record_new_run(store: Store, run_plan: RunPlan, summary: str, owner: str) ->
     return run_id
 
 
+def record_failure(store: Store, run_id: str, owner: str, exc: BaseException) -> StoreError | None:
+    """Store the run as ``failed`` with the error and its traceback; the store's own error when it cannot."""
+    try:
+        with signals_deferred(raise_after=False):
+            store.runs.finish(run_id, "failed", owner=owner, error=f"{type(exc).__name__}: {exc}",
+                              traceback=traceback.format_exc(), stop_reason="error")
+    except StoreError as unrecorded:
+        return unrecorded
+    return None
+
+
 class _Fence:
     """The heartbeat's view of the run's ownership: when another process took the run over, the
     heartbeat stops and interrupts the main thread, which then stops without writing."""
@@ -295,10 +313,7 @@ def train_run(
                 store.runs.finish(run_id, "interrupted", owner=owner, stop_reason=f"interrupted by {signal_name}")
             raise RunInterrupted(run_id, signal_name, recorder.checkpoint_epoch) from None
         except Exception as exc:
-            with signals_deferred(raise_after=False):
-                store.runs.finish(run_id, "failed", owner=owner, error=f"{type(exc).__name__}: {exc}",
-                                  traceback=traceback.format_exc(), stop_reason="error")
-            raise TrainingFailed(run_id, exc) from exc
+            raise TrainingFailed(run_id, exc, record_failure(store, run_id, owner, exc)) from exc
     # only now: until the run completed, its last checkpoint was what a resume would start from
     apply_retention(store, run_id, run_plan.spec.checkpoints.keep)
     return RunOutcome(run_id, "completed", test)

@@ -26,18 +26,22 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None],
+                 before_replace: Callable[[], None] | None = None) -> None:
     """``write(tmp)`` fills a temporary file next to ``path``, which then replaces ``path`` in one rename.
 
     A crash or a signal mid-write never leaves a half-written ``path``: the previous file stays,
     and the temporary one is removed (only a SIGKILL can leave it behind; see
-    :func:`remove_stale_temporaries`).
+    :func:`remove_stale_temporaries`). ``before_replace`` runs between the two and may refuse the
+    replacement by raising (a run's checkpoint, when another process has taken the run over).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(target)
     try:
         write(tmp)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -73,17 +77,18 @@ def stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     return sorted(stale)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
-    """Delete :func:`stale_temporaries`; the bytes freed."""
-    freed = 0
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> tuple[int, int]:
+    """Delete :func:`stale_temporaries`: (files removed, bytes freed)."""
+    removed = freed = 0
     for path in stale_temporaries(directory):
         try:
             size = path.stat().st_size
             path.unlink()
         except OSError:
             continue
+        removed += 1
         freed += size
-    return freed
+    return removed, freed
 
 
 __all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "temporary_path", "stale_temporaries", "remove_stale_temporaries"]

@@ -124,11 +124,12 @@ def overlay_figure(runs: Sequence[RunPlotData]) -> Figure:
     for ax, metric in ((ax_loss, "loss"), (ax_accuracy, "accuracy")):
         drawn = False
         for run, color in zip(runs, colors):
+            present = [split for split, _ in SPLIT_STYLES if run.curves is not None and f"{split}_{metric}" in run.curves]
+            legend_split = "val" if "val" in present else present[0] if present else None  # no val curve when all its values are null
             for split, style in SPLIT_STYLES:
-                column = f"{split}_{metric}"
-                if run.curves is not None and column in run.curves:
-                    ax.plot(run.curves.index, run.curves[column], style, color=color, marker="o", markersize=3,
-                            label=run.label if split == "val" else None)
+                if split in present:
+                    ax.plot(run.curves.index, run.curves[f"{split}_{metric}"], style, color=color, marker="o", markersize=3,
+                            label=run.label if split == legend_split else None)
                     drawn = True
         if drawn:
             _epoch_axes(ax, f"{metric} (solid: validation, dashed: train)")

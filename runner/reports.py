@@ -432,7 +432,8 @@ def plot_data(store: Store, run_ids: Sequence[str]) -> list[Any]:
             name=document["name"],
             curves=curves.get(run_id),
             class_names=json.loads(document["class_names_json"] or "[]"),
-            confusion=json.loads(document["confusion_json"]) if document["confusion_json"] else None,
+            # a run without a test result (failed) has no matrix: pandas reads its NULL as NaN
+            confusion=json.loads(document["confusion_json"]) if isinstance(document["confusion_json"], str) else None,
         ))
     return data
 

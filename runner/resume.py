@@ -9,12 +9,14 @@ store got after the checkpoint are deleted and trained again.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.errors import RunnerError
 from runner.execute import RunOutcome, setup, train_run
+from runner.files import remove_stale_temporaries
 from runner.lifecycle import heartbeat_interval
 from runner.plan import stored_plan
 from runner.store import RESUMABLE, Store, new_owner
@@ -49,6 +51,13 @@ def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     return state
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Partial checkpoint files of killed processes (``.last.pt.<pid>.tmp``) in the run's directory: removed, and said."""
+    removed, freed = remove_stale_temporaries(run_dir)
+    if removed:
+        print(f"removed {removed} partial checkpoint file(s) left by a killed process ({freed} bytes) from {run_dir}", file=sys.stderr)
+
+
 def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = True) -> RunOutcome:
     """Continue the run ``run_id`` (an id or unique prefix) in ``store`` and return how it ended."""
     row = store.query.run_row(run_id)
@@ -67,6 +76,7 @@ def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = 
         best_epoch=state["early_stopping"]["best_epoch"] if state else None,
         best_val_accuracy=max((h["val_accuracy"] for h in history), default=None),
     )
+    remove_leftovers(run_dir)
     return train_run(store, row["id"], owner, run_plan, parts, run_dir, quiet, resume_from=state)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -48,9 +48,24 @@ def load_state_dict_file(path: Path, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_tensors(payload: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (see :func:`runner.files.atomic_write`)."""
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+def _torch_save(payload: Any, tmp: Path, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a failed write (a full disk) raises its own
+    ``OSError`` naming ``path``, not torch's "enforce fail … unexpected pos" that hides it."""
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+    except RuntimeError as exc:
+        if not isinstance(exc.__context__, OSError):
+            raise
+        cause = exc.__context__
+        raise OSError(cause.errno, cause.strerror, str(path)) from None
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def save_tensors(payload: Any, path: Path, before_replace: Callable[[], None] | None = None) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`runner.files.atomic_write`, also for ``before_replace``)."""
+    atomic_write(path, lambda tmp: _torch_save(payload, tmp, path), before_replace)
 
 
 __all__ = ["unsafe_load_reason", "load_tensors", "load_state_dict_file", "save_tensors"]

@@ -30,6 +30,31 @@ class Recorder(Protocol):
 
     def checkpoint_saved(self, kind: str, epoch: int, path: Path) -> None: ...
 
+    def check_owner(self) -> None:
+        """Raise when this process may no longer write the run (another one took it over): called
+        right before a checkpoint file replaces the previous one."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or metric of an epoch is NaN or infinite; the message names it, the epoch and the batch."""
+
+
+DIVERGED_HINT = "lower the learning rate, or set training.grad_clip"
+
+
+def check_finite(epoch: int, metrics: dict[str, float], first_bad_batch: int | None, validation: str) -> None:
+    """Stop a run whose training loss is not a finite number; its validation metrics too unless ``validation`` is ``continue``.
+
+    The epoch's metrics are stored before this check (non-finite values as null), its checkpoint is not.
+    """
+    for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        value = metrics[name]
+        if math.isfinite(value) or (name.startswith("val_") and validation == "continue"):
+            continue
+        where = f"epoch {epoch}" + (f", batch {first_bad_batch}" if name == "train_loss" and first_bad_batch else "")
+        also = " (or training.nonfinite_validation: continue to go on)" if name.startswith("val_") else ""
+        raise TrainingDiverged(f"{name} is {value} at {where}: {DIVERGED_HINT}{also}")
+
 
 # ------------------------------------------------------------------------------------------
 # Early stopping
@@ -106,6 +131,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
+    losses = []  # each batch's loss, looked at only when the epoch's is not finite
     for images, labels in loader:
         images = speed.batch_to(images, device)
         labels = labels.to(device, non_blocking=True)
@@ -130,9 +156,14 @@ def train_one_epoch(
         loss_sum += loss.detach() * n
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += n
+        losses.append(loss.detach())
         if progress is not None:
             progress.update(1)
-    return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen}
+    result = {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen}
+    if not math.isfinite(result["loss"]):
+        bad = (~torch.isfinite(torch.stack(losses))).nonzero()
+        result["first_nonfinite_batch"] = int(bad[0]) + 1 if len(bad) else 0
+    return result
 
 
 @torch.inference_mode()
@@ -246,6 +277,12 @@ def restore_training_state(
     return stage, optimizer, scheduler
 
 
+def save_checkpoint(recorder: Recorder, kind: str, epoch: int, payload: Any, path: Path) -> None:
+    """Write a checkpoint file, replacing the previous one only while this process still owns the run, and record it."""
+    save_tensors(payload, path, before_replace=recorder.check_owner)
+    recorder.checkpoint_saved(kind, epoch, path)
+
+
 def early_stop_reason(stopper: EarlyStopping) -> str:
     return f"early stopping: {stopper.monitor} did not improve for {stopper.patience} epochs"
 
@@ -318,15 +355,13 @@ def fit(
             improved = stopper.update(epoch, metrics)
             best_val = max(h["val_accuracy"] for h in history)
             recorder.epoch_done(epoch, metrics, time.perf_counter() - started, stopper.best_epoch, best_val)
+            check_finite(epoch, metrics, train.get("first_nonfinite_batch"), spec.training.nonfinite_validation)
             if improved:
-                save_tensors(model.state_dict(), best_path)
-                recorder.checkpoint_saved("best", epoch, best_path)
-            save_tensors(training_state(epoch, model, optimizer, scheduler, stopper, history, parts.train_loader), last_path)
-            recorder.checkpoint_saved("last", epoch, last_path)
+                save_checkpoint(recorder, "best", epoch, model.state_dict(), best_path)
+            save_checkpoint(recorder, "last", epoch, training_state(epoch, model, optimizer, scheduler, stopper, history, parts.train_loader),
+                            last_path)
             if spec.checkpoints.keep == "all":  # one model state dict per epoch, kept after the run
-                epoch_path = run_dir / f"epoch-{epoch:03d}.pt"
-                save_tensors(model.state_dict(), epoch_path)
-                recorder.checkpoint_saved(f"epoch-{epoch:03d}", epoch, epoch_path)
+                save_checkpoint(recorder, f"epoch-{epoch:03d}", epoch, model.state_dict(), run_dir / f"epoch-{epoch:03d}.pt")
         if stopper.should_stop:
             stop_reason = early_stop_reason(stopper)
             break

@@ -2,12 +2,15 @@
 
 The spec (tests/specs/resume.yaml) makes every piece of state matter: random crops through a
 DataLoader, dropout, gradual unfreezing (a new optimizer at epoch 2), a scheduler and early stopping.
+Every learning-rate scheduler the docs mention resumes exactly too, and so does the README's own
+example (the quickstart, Ctrl-C in epoch 2, with torch's default threads).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -84,10 +87,10 @@ def checkpoint_of_epoch_fails(epoch: int) -> Iterator[None]:
 
     real_save = training.save_tensors
 
-    def disk_full(payload: Any, path: Path) -> None:
+    def disk_full(payload: Any, path: Path, before_replace: Any = None) -> None:
         if path.name == "last.pt" and payload["epoch"] == epoch:
             raise OSError(28, "No space left on device")
-        real_save(payload, path)
+        real_save(payload, path, before_replace)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training, "save_tensors", disk_full)
@@ -292,3 +295,182 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_p
     kept = torch.load(path, weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no half-written file left behind
+
+
+# ------------------------------------------------------------------------------------------
+# Learning-rate schedulers: each writes its state into the optimizer, and must resume exactly
+
+TINY = Path(__file__).resolve().parent / "specs" / "tiny.yaml"
+SCHEDULERS = {
+    "OneCycleLR": "{name: OneCycleLR, max_lr: 0.01, total_steps: 3}",
+    "CosineAnnealingLR": "{name: CosineAnnealingLR, T_max: 3}",
+    "StepLR": "{name: StepLR, step_size: 1, gamma: 0.5}",
+    "ReduceLROnPlateau": "{name: ReduceLROnPlateau, patience: 0, factor: 0.5}",
+}
+GRADUAL = "{name: gradual, stages: [{epochs: 1, train: head}, {train: all, lr_mult: 0.5}]}"
+
+
+@pytest.mark.parametrize(("scheduler", "strategy", "failing_epoch"), [
+    *(pytest.param(name, "{name: full_finetune}", 2, id=name) for name in SCHEDULERS),
+    # resumed in the first stage: the second starts a fresh optimizer and scheduler
+    pytest.param("OneCycleLR", GRADUAL, 2, id="gradual-OneCycleLR-stage-1"),
+    # resumed inside the second stage: its optimizer and scheduler come from the checkpoint
+    pytest.param("OneCycleLR", GRADUAL, 3, id="gradual-OneCycleLR-stage-2"),
+])
+def test_resume_with_every_scheduler_equals_an_uninterrupted_run(
+    run_cli: Any, tmp_path: Path, scheduler: str, strategy: str, failing_epoch: int,
+) -> None:
+    args = [TINY, "-q", "--set", "training.epochs=3", "--set", "data.train_per_class=60", "--set", "data.batch_size=16",
+            "--set", f"training.scheduler={SCHEDULERS[scheduler]}", "--set", f"training.strategy={strategy}"]
+    reference = run_cli("run", *args, "--db", tmp_path / "reference.db")
+    assert reference.exit_code == 0, reference.err
+    expected = run_cli("show", reference.out.strip(), "--db", tmp_path / "reference.db", "--format", "json").json()
+
+    db = tmp_path / "results.db"
+    with checkpoint_of_epoch_fails(failing_epoch):
+        assert run_cli("run", *args, "--db", db).exit_code == 1
+    run_id = run_cli("runs", "--db", db, "--format", "json").json()[0]["id"]
+    resumed = run_cli("resume", run_id, "--db", db, "-q")
+    assert resumed.exit_code == 0, resumed.err
+    assert_same_training(run_cli("show", run_id, "--db", db, "--format", "json").json(), expected)
+
+
+def start_quickstart(db: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    quickstart = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.yaml"
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "run", str(quickstart), "--db", str(db), "-q", "--set", "training.epochs=3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def test_the_readme_interrupt_example_resumes_bit_for_bit_with_default_threads(run_cli: Any, tmp_path: Path) -> None:
+    """README, "When runs stop": the quickstart (OneCycleLR), Ctrl-C in epoch 2, `runner resume`.
+    Every process keeps torch's default number of threads; a run records the count it trained with
+    and a resume trains with that count again."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    reference_db = tmp_path / "reference.db"
+    reference = start_quickstart(reference_db, env)
+    out, err = reference.communicate(timeout=1800)
+    assert reference.returncode == 0, err
+    expected = run_cli("show", out.strip(), "--db", reference_db, "--format", "json").json()
+
+    db = tmp_path / "results.db"
+    proc = start_quickstart(db, env)
+    run_id = wait_for_first_epoch(db, proc, timeout=1800)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    assert [e["epoch"] for e in run_cli("show", run_id, "--db", db, "--format", "json").json()["epochs"]] == [1]
+
+    resumed = subprocess.run([sys.executable, "-m", "runner", "resume", run_id, "--db", str(db), "-q"],
+                             capture_output=True, text=True, env=env, timeout=1800)
+    assert resumed.returncode == 0, resumed.stderr
+    details = run_cli("show", run_id, "--db", db, "--format", "json").json()
+    assert_same_training(details, expected)
+    assert details["settings"]["performance"]["threads"] == expected["settings"]["performance"]["threads"]
+
+
+# ------------------------------------------------------------------------------------------
+# A process fenced off between an epoch's row and its checkpoint files replaces no file
+
+
+def test_a_process_taken_over_after_storing_an_epoch_does_not_replace_the_new_owners_checkpoint(
+    run_cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The window a SIGSTOP can hit: epoch 2's row is stored, then (while this process is paused)
+    the run shows lost, another process resumes it and writes its own last.pt. Waking up, this
+    process must not overwrite that file: it stops without writing, in one line."""
+    import hashlib
+
+    from runner.execute import StoreRecorder
+
+    db = tmp_path / "results.db"
+    real_epoch_done = StoreRecorder.epoch_done
+    seen: dict[str, Any] = {}
+
+    def taken_over_after_epoch_2(self: StoreRecorder, epoch: int, *args: Any) -> None:
+        real_epoch_done(self, epoch, *args)
+        if epoch != 2:
+            return
+        run_dir = tmp_path / "runs" / self.run_id
+        seen["best"] = hashlib.sha256((run_dir / "best.pt").read_bytes()).hexdigest()
+        with sqlite3.connect(db) as conn:  # missed its heartbeats: lost
+            conn.execute("UPDATE runs SET lost_after = '2000-01-01 00:00:00' WHERE id = ?", (self.run_id,))
+        self.store.runs.claim_for_resume(self.run_id, 1, heartbeat_s=60, owner="otherhost:4242:cafe0000")
+        (run_dir / "last.pt").write_bytes(b"the new owner's checkpoint")
+
+    monkeypatch.setattr(StoreRecorder, "epoch_done", taken_over_after_epoch_2)
+    result = run_cli("run", TINY, "--db", db, "-q", "--set", "training.epochs=3", "--set", "data.train_per_class=60")
+
+    assert result.exit_code == 1
+    run_id = run_cli("runs", "--db", db, "--format", "json").json()[0]["id"]
+    assert result.err == f"error: run {run_id} was taken over by pid 4242 on otherhost; stopping without writing\n"
+    run_dir = tmp_path / "runs" / run_id
+    assert (run_dir / "last.pt").read_bytes() == b"the new owner's checkpoint"
+    assert hashlib.sha256((run_dir / "best.pt").read_bytes()).hexdigest() == seen["best"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left either
+    details = run_cli("show", run_id, "--db", db, "--format", "json").json()
+    assert details["status"] == "running" and details["error"] is None
+    assert [e["epoch"] for e in details["epochs"]] == [1]
+    assert {k: c["epoch"] for k, c in details["checkpoints"].items()} == {"best": 1, "last": 1}
+
+
+# ------------------------------------------------------------------------------------------
+# Partial checkpoint files of killed processes
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from runner.files import atomic_write
+
+def write_slowly(tmp):
+    with open(tmp, "wb") as f:
+        f.write(b"half a checkpoint" * 4096)
+        f.flush()
+        time.sleep(600)
+
+atomic_write(Path(sys.argv[1]), write_slowly)
+"""
+
+
+def killed_mid_write(path: Path) -> Path:
+    """Start a process writing ``path`` the way checkpoints are written, SIGKILL it mid-write; its leftover."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)])
+    leftover = path.with_name(f".{path.name}.{proc.pid}.tmp")
+    deadline = time.monotonic() + 120
+    while not (leftover.exists() and leftover.stat().st_size > 0):
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer never started"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=30)
+    return leftover
+
+
+def test_resume_and_prune_remove_partial_checkpoints_of_killed_processes(
+    run_cli: Any, tmp_path: Path, uninterrupted: dict[str, Any],
+) -> None:
+    db = tmp_path / "results.db"
+    with checkpoint_of_epoch_fails(2):
+        assert run_cli("run", SPEC, "--db", db, "-q").exit_code == 1
+    run_id = run_cli("runs", "--db", db, "--format", "json").json()[0]["id"]
+    run_dir = tmp_path / "runs" / run_id
+    leftover = killed_mid_write(run_dir / "last.pt")
+    size = leftover.stat().st_size
+    last_before = (run_dir / "last.pt").read_bytes()
+
+    resumed = run_cli("resume", run_id, "--db", db, "-q")
+    assert resumed.exit_code == 0, resumed.err
+    assert resumed.err == f"removed 1 partial checkpoint file(s) left by a killed process ({size} bytes) from {run_dir}\n"
+    assert not leftover.exists()
+    assert last_before != (run_dir / "last.pt").read_bytes()  # the resumed run wrote its own
+    assert_same_training(run_cli("show", run_id, "--db", db, "--format", "json").json(), uninterrupted)
+
+    leftovers = [killed_mid_write(run_dir / "best.pt"), killed_mid_write(tmp_path / "runs" / ".feature_cache" / "abc.pt")]
+    kept = {p: p.read_bytes() for p in run_dir.iterdir()}
+    dry = run_cli("prune", "--db", db, "--dry-run", "--format", "json").json()
+    assert (dry["temporaries_removed"], all(p.exists() for p in leftovers)) == (2, True)
+    pruned = run_cli("prune", "--db", db, "--keep", "both", "--yes")
+    assert pruned.exit_code == 0, pruned.err
+    assert pruned.out.splitlines()[-1] == f"removed 2 partial file(s) left by killed processes ({2 * size / 1024:.1f} KiB)"
+    assert not any(p.exists() for p in leftovers)
+    assert {p: p.read_bytes() for p in run_dir.iterdir()} == {p: b for p, b in kept.items() if p not in leftovers}
