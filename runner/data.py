@@ -116,6 +116,9 @@ def load_data(spec: Spec, registries: Registries, base_dir: str) -> LoadedData:
     missing = [c for c in wanted if c not in present]
     if missing:
         raise SpecError(f"data.classes: {missing} not in the dataset (labels present: {present})")
+    if len(wanted) < 2:
+        only = f" ({names[wanted[0]] if wanted[0] < len(names) else wanted[0]})" if wanted else ""
+        raise SpecError(f"data: {len(wanted)} class{only} selected; a classifier needs at least 2 (check data.classes or the class folders)")
     label_map = {orig: new for new, orig in enumerate(wanted)}
     return LoadedData(dataset, targets, label_map, [names[c] if c < len(names) else str(c) for c in wanted])
 

@@ -22,11 +22,14 @@ from runner.errors import RunnerError
 
 HEARTBEAT_ENV = "RUNNER_HEARTBEAT_S"
 DEFAULT_HEARTBEAT_S = 10.0
+# a run is lost after two missed beats, and a beat is a store write that may wait for another
+# process's transaction: beating more often than this makes live runs flicker to lost
+MIN_HEARTBEAT_S = 1.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def heartbeat_interval() -> float:
-    """Seconds between heartbeats: ``RUNNER_HEARTBEAT_S``, else 10."""
+    """Seconds between heartbeats: ``RUNNER_HEARTBEAT_S`` (at least :data:`MIN_HEARTBEAT_S`), else 10."""
     raw = os.environ.get(HEARTBEAT_ENV, "").strip()
     if not raw:
         return DEFAULT_HEARTBEAT_S
@@ -36,6 +39,8 @@ def heartbeat_interval() -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise RunnerError(f"{HEARTBEAT_ENV} must be a positive number of seconds, got {raw!r}")
+    if value < MIN_HEARTBEAT_S:
+        raise RunnerError(f"{HEARTBEAT_ENV} must be at least {MIN_HEARTBEAT_S:g} s (each beat writes to the store), got {raw!r}")
     return value
 
 
@@ -134,6 +139,6 @@ def heartbeat(beat: Callable[[], None], interval: float) -> Iterator[None]:
 
 
 __all__ = [
-    "DEFAULT_HEARTBEAT_S", "HEARTBEAT_ENV", "Interrupted", "StopBeating", "heartbeat", "heartbeat_interval",
+    "DEFAULT_HEARTBEAT_S", "HEARTBEAT_ENV", "MIN_HEARTBEAT_S", "Interrupted", "StopBeating", "heartbeat", "heartbeat_interval",
     "signals_deferred", "stop_on_signals",
 ]

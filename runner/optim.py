@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any
+import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ def check_arguments(target: Any, options: dict[str, Any], key: str, skip: tuple[
 
 
 def check_training_names(spec: Spec) -> None:
-    """The optimizer, scheduler and loss exist and take the spec's arguments."""
+    """The optimizer, scheduler and loss exist, take the spec's arguments, and can be built with their values."""
     t = spec.training
     check_arguments(lookup(optimizers(), t.optimizer.name, "optimizer", "training.optimizer.name"), t.optimizer.options,
                     "training.optimizer", skip=("params",))
@@ -80,6 +81,32 @@ def check_training_names(spec: Spec) -> None:
         check_arguments(lookup(schedulers(), t.scheduler.name, "scheduler", "training.scheduler.name"), t.scheduler.options,
                         "training.scheduler", skip=("optimizer",))
     check_arguments(lookup(losses(), t.loss.name, "loss", "training.loss.name"), t.loss.options, "training.loss")
+    check_buildable(spec)
+
+
+def _built(key: str, name: str, build: Callable[[], Any]) -> Any:
+    try:
+        return build()
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as exc:
+        raise SpecError(f"{key}: {name} does not work with these arguments ({type(exc).__name__}: {exc})") from None
+
+
+def _step_once(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    optimizer.step()  # no gradients: changes nothing, but the scheduler then steps as it will after an epoch
+    scheduler.step(0.0) if steps_on_metric(scheduler) else scheduler.step()
+
+
+def check_buildable(spec: Spec) -> None:
+    """Build the optimizer, scheduler and loss once, on a stand-in parameter, and step them: values of
+    the wrong type or range (``betas: 5``, ``lr: "fast"``, ``lr: .nan``) fail here, before any run exists."""
+    t = spec.training
+    lr = learning_rate(spec)
+    stand_in = nn.Parameter(torch.zeros(1))
+    optimizer = _built("training.optimizer", t.optimizer.name, lambda: optimizer_for(spec, [{"params": [stand_in], "lr": lr}]))
+    if t.scheduler is not None:
+        scheduler = _built("training.scheduler", t.scheduler.name, lambda: build_scheduler(spec, optimizer))
+        _built("training.scheduler", t.scheduler.name, lambda: _step_once(optimizer, scheduler))
+    _built("training.loss", t.loss.name, lambda: build_loss(spec, torch.device("cpu")))
 
 
 # ------------------------------------------------------------------------------------------
@@ -99,14 +126,31 @@ def param_groups(model: nn.Module, stage: Stage, lr: float) -> list[dict[str, An
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(spec: Spec, model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
+def learning_rate(spec: Spec) -> float:
+    """The optimizer's base learning rate (the spec's ``lr``, else the optimizer's default): a finite number >= 0."""
     options = spec.training.optimizer.options
     cls = optimizers()[spec.training.optimizer.name]
-    lr = float(options.get("lr", cls.__init__.__defaults__[0] if cls.__init__.__defaults__ else 1e-3))
-    groups = param_groups(model, stage, lr)
+    value = options.get("lr", cls.__init__.__defaults__[0] if cls.__init__.__defaults__ else 1e-3)
+    try:
+        lr = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        lr = math.nan
+    if not (math.isfinite(lr) and lr >= 0):
+        raise SpecError(f"training.optimizer.lr: must be a finite number >= 0, got {value!r}")
+    return lr
+
+
+def optimizer_for(spec: Spec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The spec's optimizer over these parameter groups (each with its ``lr``) and the spec's other arguments."""
+    options = spec.training.optimizer.options
+    return optimizers()[spec.training.optimizer.name](groups, **{k: v for k, v in options.items() if k != "lr"})
+
+
+def build_optimizer(spec: Spec, model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
+    groups = param_groups(model, stage, learning_rate(spec))
     if not groups:
         raise ValueError("no parameter is trainable in this stage")
-    return cls(groups, **{k: v for k, v in options.items() if k != "lr"})
+    return optimizer_for(spec, groups)
 
 
 def build_scheduler(spec: Spec, optimizer: torch.optim.Optimizer) -> Any:
@@ -128,6 +172,6 @@ def steps_on_metric(scheduler: Any) -> bool:
 
 
 __all__ = [
-    "optimizers", "schedulers", "losses", "lookup", "check_arguments", "check_training_names",
-    "param_groups", "build_optimizer", "build_scheduler", "build_loss", "steps_on_metric",
+    "optimizers", "schedulers", "losses", "lookup", "check_arguments", "check_training_names", "check_buildable",
+    "param_groups", "learning_rate", "optimizer_for", "build_optimizer", "build_scheduler", "build_loss", "steps_on_metric",
 ]

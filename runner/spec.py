@@ -54,10 +54,36 @@ _StrictSafeLoader.add_implicit_resolver(
 )
 
 
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML: a bigger file is a mistake, and parsing it would take minutes
+MAX_NESTING = 32  # levels of mappings and lists; real specs use fewer than ten
+
+
+def too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether ``value`` nests mappings and lists more than ``limit`` levels deep.
+
+    Iterative, so a deep value cannot exhaust the stack; a container shared through YAML aliases is
+    looked at once per depth (a "billion laughs" stays cheap), and a recursive one is too deep.
+    """
+    deepest_seen: dict[int, int] = {}
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)) or deepest_seen.get(id(node), 0) >= depth:
+            continue
+        if depth > limit:
+            return True
+        deepest_seen[id(node)] = depth
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
 def parse_yaml(text: str, source: str = "<spec>") -> Any:
-    """``yaml.safe_load`` with duplicate keys refused; errors become one-line :class:`SpecError`."""
+    """``yaml.safe_load`` with duplicate keys refused and nesting limited; errors become one-line :class:`SpecError`."""
+    nested = f"{source}: the YAML is nested more than {MAX_NESTING} levels deep"
     try:
-        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+        value = yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # the parser itself recurses once per level
+        raise SpecError(nested) from None
     except SpecError as exc:
         raise SpecError(f"{source}: {exc}") from None
     except yaml.constructor.ConstructorError as exc:
@@ -67,10 +93,34 @@ def parse_yaml(text: str, source: str = "<spec>") -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{source}: malformed YAML{where}: {problem}") from None
+    if too_deep(value):
+        raise SpecError(nested)
+    return value
+
+
+def read_spec_text(path: Path) -> str:
+    """A spec file's text: at most :data:`MAX_SPEC_BYTES` of UTF-8, read without loading more than that."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {path}") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.__class__.__name__}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        size = path.stat().st_size if path.is_file() else len(data)
+        raise SpecError(f"spec {path} is {size / 2**20:.1f} MiB; a spec may be at most {MAX_SPEC_BYTES // 2**20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"cannot read spec {path}: UnicodeDecodeError") from None
 
 
 # --------------------------------------------------------------------------------------------
 # The typed spec
+
+
+MAX_SEED = 2**63 - 1  # what torch.manual_seed and the loaders' generators take
 
 
 class _Strict(BaseModel):
@@ -112,7 +162,7 @@ class SplitSpec(_Strict):
     train: float = Field(0.7, gt=0, lt=1)
     val: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
-    seed: Optional[int] = Field(None, description="seed of the split; the run's seed when null")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="seed of the split; the run's seed when null")
 
     @model_validator(mode="after")
     def _fractions_add_up(self) -> "SplitSpec":
@@ -133,6 +183,14 @@ class DataSpec(_Strict):
     num_workers: int = Field(0, ge=0)
     channels: Literal["auto", 1, 3] = "auto"
     on_corrupt: Literal["error", "skip"] = "error"
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        repeated = sorted({c for c in value if value.count(c) > 1}) if value else []
+        if repeated:
+            raise ValueError(f"class {repeated[0]} is listed more than once (each label may be kept once)")
+        return value
 
 
 class WeightsFromFile(_Strict):
@@ -198,6 +256,9 @@ class TrainingSpec(_Strict):
     feature_cache: Literal["auto", "off"] = Field(
         "auto", description="train a frozen backbone's head on features computed once, where that is exact"
     )
+    nonfinite_validation: Literal["fail", "continue"] = Field(
+        "fail", description="a NaN or infinite validation loss fails the run, or is stored as null and training goes on"
+    )
 
 
 DEFAULT_TRANSFORMS: list[dict[str, Any]] = [{"name": "ToImage"}, {"name": "ToDtype", "dtype": "float32", "scale": True}]
@@ -236,16 +297,16 @@ class PerformanceSpec(_Strict):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
-# Keys that decide what is kept on disk or how fast it runs, not what is trained: left out of the
-# spec hash, so equal experiments still share a hash (and `{experiment: …}` weights still find
-# their run, and runs stored before a key existed still resume).
-_NOT_HASHED = ("checkpoints", "performance")
+# Keys that decide what is kept on disk, how fast it runs or when a diverged run gives up, not what
+# is trained: left out of the spec hash, so equal experiments still share a hash (and
+# `{experiment: …}` weights still find their run, and runs stored before a key existed still resume).
+_NOT_HASHED = ("checkpoints", "performance", "training.nonfinite_validation")
 
 
 class Spec(_Strict):
     name: str = "experiment"
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     deterministic: bool = False
     device: str = "auto"
     data: DataSpec = Field(default_factory=DataSpec)
@@ -272,7 +333,13 @@ class Spec(_Strict):
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of the resolved spec: equal specs, equal hash."""
-        hashed = {k: v for k, v in self.resolved().items() if k not in _NOT_HASHED}
+        hashed = self.resolved()
+        for dotted in _NOT_HASHED:
+            *parents, key = dotted.split(".")
+            node = hashed
+            for parent in parents:
+                node = node[parent]
+            node.pop(key)
         canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -317,13 +384,7 @@ def load_spec(source: str | Path | dict[str, Any] | Spec, overrides: list[str] |
     else:
         path = Path(source)
         label = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SpecError(f"spec file not found: {path}") from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-            raise SpecError(f"cannot read spec {path}: {exc.__class__.__name__}") from None
-        raw = parse_yaml(text, source=label)
+        raw = parse_yaml(read_spec_text(path), source=label)
         if raw is None:
             raise SpecError(f"{label}: the spec is empty")
         if isinstance(raw, dict):

@@ -128,6 +128,29 @@ def _foreign_store(tmp: Path) -> Path:
     return path
 
 
+def _hub_local_untrusted(tmp: Path) -> list[Any]:
+    """A local hubconf.py that would leave a marker if anything imported it, named without trust_repo."""
+    hub = tmp / "hub"
+    hub.mkdir()
+    (hub / "hubconf.py").write_text(
+        "import pathlib\n"
+        "pathlib.Path(__file__).resolve().parent.parent.joinpath('marker').mkdir()\n"
+        "def m(num_classes=2):\n"
+        "    import torch\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, num_classes))\n"
+    )
+    return _run(spec(tmp, BASE.replace("  name: cnn\n", f"  name: 'hub-local:{hub}/m'\n")))
+
+
+def _one_class_folder(tmp: Path) -> Path:
+    root = image_folder(tmp / "images")
+    for label in ("dog", "fox"):
+        for image in (root / label).iterdir():
+            image.unlink()
+        (root / label).rmdir()
+    return root
+
+
 def _newer_store(tmp: Path) -> Path:
     path = tmp / "results.db"
     Store(path)
@@ -173,6 +196,19 @@ CASES = [
     Case("set-without-value", "`--set` without `=`", lambda t: _run(spec(t, BASE), "--set", "training.epochs"), "--set expects KEY=VALUE"),
     Case("yaml-python-tag", "a YAML tag that constructs a Python object", lambda t: _run(spec(t, f"model: !!python/object/apply:os.mkdir ['{t / 'marker'}']\n")), "YAML tag not allowed", no_code_ran=True),
     Case("heartbeat-setting", "a `RUNNER_HEARTBEAT_S` that is not a positive number", lambda t: _run(spec(t, BASE)), "RUNNER_HEARTBEAT_S must be a positive number of seconds", env={"RUNNER_HEARTBEAT_S": "0"}),
+    Case("heartbeat-too-often", "a `RUNNER_HEARTBEAT_S` below a second (live runs would flicker to lost)", lambda t: _run(spec(t, BASE)), "RUNNER_HEARTBEAT_S must be at least 1 s (each beat writes to the store), got '1e-6'", env={"RUNNER_HEARTBEAT_S": "1e-6"}),
+    Case("upstream-cycle", "upstream experiments that form a cycle (a spec whose weights come from itself)", lambda t: _run(spec(t, BASE.replace("  name: cnn\n", "  name: cnn\n  weights: {experiment: spec.yaml}\n"))), "model.weights: the upstream experiments form a cycle: "),
+    Case("untrusted-hub-local", "a local `hub-local:` model without `trust_repo: true` (its hubconf.py is never run)", _hub_local_untrusted, "set model.trust_repo: true if you trust that repository", no_code_ran=True),
+    Case("optimizer-argument-type", "an optimizer argument of the wrong type (`betas: 5`)", lambda t: _run(spec(t, BASE + "  optimizer: {name: Adam, betas: 5}\n")), "training.optimizer: Adam does not work with these arguments (TypeError: 'int' object is not subscriptable)"),
+    Case("learning-rate-text", "a learning rate that is not a number (`lr: fast`)", lambda t: _run(spec(t, BASE + "  optimizer: {name: Adam, lr: fast}\n")), "training.optimizer.lr: must be a finite number >= 0, got 'fast'"),
+    Case("learning-rate-nan", "a learning rate that is NaN (`lr: .nan`)", lambda t: _run(spec(t, BASE + "  optimizer: {name: SGD, lr: .nan}\n")), "training.optimizer.lr: must be a finite number >= 0, got nan"),
+    Case("scheduler-argument-type", "a scheduler argument of the wrong type (`step_size: fast`)", lambda t: _run(spec(t, BASE + "  scheduler: {name: StepLR, step_size: fast}\n")), "training.scheduler: StepLR does not work with these arguments (TypeError: "),
+    Case("seed-negative", "a negative seed", lambda t: _run(spec(t, BASE.replace("seed: 0", "seed: -1"))), "seed: Input should be greater than or equal to 0 (got -1)"),
+    Case("seed-too-large", "a seed above 2**63-1", lambda t: _run(spec(t, BASE.replace("seed: 0", f"seed: {2**63}"))), "seed: Input should be less than or equal to 9223372036854775807"),
+    Case("yaml-too-deep", "YAML nested thousands of levels deep", lambda t: _run(spec(t, BASE + "description: " + "[" * 5000 + "]" * 5000 + "\n")), "the YAML is nested more than 32 levels deep"),
+    Case("spec-too-large", "a spec file of several megabytes", lambda t: _run(spec(t, BASE + "# padding\n" * 300_000)), "a spec may be at most 1 MiB"),
+    Case("duplicate-classes", "a class listed twice in `data.classes`", lambda t: _run(spec(t, BASE.replace("classes: [0, 1, 2]", "classes: [1, 1]"))), "data.classes: class 1 is listed more than once"),
+    Case("single-class", "an ImageFolder with a single class", lambda t: _run(folder_spec(t, _one_class_folder(t))), "data: 1 class (cat) selected; a classifier needs at least 2"),
 ]
 
 
@@ -317,6 +353,9 @@ def errors_markdown(base: Path) -> str:
     path, _ = truncated_test_image(mid_run_dir)
     mid_run = Case("truncated", "", lambda t: ["run", path, "--db", t / "results.db", "-q"], "")
     failed = re.sub(r"run [0-9a-f]{12} failed", "run RUN_ID failed", _message(mid_run, mid_run_dir))
+    cnn = BASE.replace("[Flatten,", "[{type: Conv2d, out_channels: 4, kernel_size: 3}, BatchNorm2d, ReLU, Flatten,")
+    diverging = Case("diverging", "", lambda t: _run(spec(t, cnn + "  optimizer: {name: SGD, lr: 1e30}\n"), "-q", "--set", "data.batch_size=8"), "")
+    diverged = re.sub(r"run [0-9a-f]{12} failed", "run RUN_ID failed", _message(diverging, mid_run_dir))
     return "\n".join([
         "# Bad input and the messages it gets",
         "",
@@ -338,6 +377,10 @@ def errors_markdown(base: Path) -> str:
         "| Problem | Message |",
         "|---|---|",
         f"| an image that passes the file check but cannot be decoded (here a truncated JPEG in the test split) | `` {failed} `` |",
+        f"| training that diverges (here SGD with `lr: 1e30` on a small CNN): the epoch is stored with its NaN loss as null, no checkpoint of it | `` {diverged} `` |",
+        "",
+        "When the store itself fails mid-run (a damaged page, a full disk), the one line names the store",
+        "or the file and the cause, and the run is marked `failed` if the store can still take that.",
         "",
         "A run stopped by Ctrl-C or SIGTERM is stored as `interrupted` (exit code 130 or 143), and one",
         "whose process died without a word (SIGKILL, out of memory) shows as `lost` once it has missed",

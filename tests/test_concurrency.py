@@ -156,7 +156,7 @@ def test_processes_migrating_one_old_store_at_once_all_succeed_and_each_step_run
 def test_four_runs_writing_one_new_store_at_once_all_complete_with_every_row(tmp_path: Path, run_cli: Any) -> None:
     db = tmp_path / "shared.db"
     epochs = [1, 2, 2, 3]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNNER_HEARTBEAT_S": "0.2"}  # frequent beats: more writers
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNNER_HEARTBEAT_S": "1"}  # the most frequent beats: more writers
     argvs = [["run", str(TINY), "--db", str(db), "-q", "--set", f"training.epochs={n}", "--set", f"seed={i}",
               "--set", "data.train_per_class=60"] for i, n in enumerate(epochs)]
     results = start_at_once(RUN_AT_ONCE, tmp_path / "gate", argvs, env=env)
