@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,16 @@ def _store(db: str | None, artifacts: str | None = None, create: bool = True) ->
     from runner.store import Store
 
     return Store(db, artifacts=artifacts, create=create)
+
+
+# C0 and C1 controls but tab and newline, and the bidirectional overrides: what a name could use to
+# rewrite the terminal (clear the screen, move the cursor, reorder text)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``), never obeyed by the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
 
 
 def _echo_json(value: Any) -> None:
@@ -48,7 +59,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.4f}"
-        return "" if v is None else str(v)
+        return "" if v is None else _printable(str(v))
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
@@ -151,17 +162,21 @@ def show(run_id: str, db: str | None, fmt: str) -> None:
     if fmt == "json":
         _echo_json(details)
         return
+
+    def line(key: str, value: Any) -> None:
+        click.echo(_printable(f"{key:18} {value}"))
+
     for key in ("id", "name", "status", "model", "strategy", "seed", "device", "started_at", "duration_s", "epochs_run",
                 "stop_reason", "best_epoch", "best_val_accuracy", "spec_hash", "git_commit"):
-        click.echo(f"{key:18} {details[key]}")
-    click.echo(f"{'weights':18} {details['weights']}")
-    click.echo(f"{'params':18} {details['params']['total']:,} total, {details['params']['trainable']:,} trainable"
-               if details["params"]["total"] is not None else f"{'params':18} -")
-    click.echo(f"{'test':18} {details['test']}")
+        line(key, details[key])
+    line("weights", details["weights"])
+    line("params", f"{details['params']['total']:,} total, {details['params']['trainable']:,} trainable"
+         if details["params"]["total"] is not None else "-")
+    line("test", details["test"])
     if details["error"]:
-        click.echo(f"{'error':18} {details['error']}")
+        line("error", details["error"])
     if details["tags"]:
-        click.echo(f"{'tags':18} {', '.join(details['tags'])}")
+        line("tags", ", ".join(details["tags"]))
     if details["epochs"]:
         click.echo("\n" + _table(details["epochs"], list(details["epochs"][0])))
     if details["evaluations"]:
@@ -412,21 +427,36 @@ def tag(run_id: str, tags: tuple[str, ...], remove: tuple[str, ...], db: str | N
     click.echo(f"{store.query.resolve_run_id(run_id)}: {', '.join(current) if current else '(no tags)'}")
 
 
+def _confirm_or_exit(question: str, nothing_done: str) -> None:
+    """Ask; a "no" is said on stderr and ends the command with exit code 1 (not an interruption's 130)."""
+    if not click.confirm(question):
+        click.echo(nothing_done, err=True)
+        sys.exit(1)
+
+
+artifacts_root_option = click.option("--artifacts", default=None, metavar="DIR",
+                                     help="The store's artefact root (default: runs/ beside it); files outside it are never removed.")
+
+
 @cli.command()
 @click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--force", is_flag=True, help="Also delete runs still marked running (whose process is gone).")
+@click.option("--force", is_flag=True, help="Also delete runs marked running that have no heartbeat (whose process is gone).")
 @db_option
-def delete(run_ids: tuple[str, ...], yes: bool, force: bool, db: str | None) -> None:
+@artifacts_root_option
+def delete(run_ids: tuple[str, ...], yes: bool, force: bool, db: str | None, artifacts: str | None) -> None:
     """Delete runs: every stored row and every artefact (checkpoints). Asks first unless --yes."""
     from runner.manage import delete_plan, delete_runs, human_bytes
 
-    store = _store(db, create=False)
+    store = _store(db, artifacts, create=False)
     plan = delete_plan(store, run_ids, force=force)
     if not yes:
-        click.confirm(f"delete {len(plan.run_ids)} run(s) ({', '.join(plan.run_ids)}) and {human_bytes(plan.bytes)} of files?", abort=True)
+        _confirm_or_exit(f"delete {len(plan.run_ids)} run(s) ({', '.join(plan.run_ids)}) and {human_bytes(plan.bytes)} of files?", "nothing deleted")
     freed = delete_runs(store, plan)
     click.echo(f"deleted {len(plan.run_ids)} run(s): {', '.join(plan.run_ids)}; freed {freed} bytes ({human_bytes(freed)})")
+    if plan.kept:
+        click.echo(f"kept {len(plan.kept)} file(s) outside the store's artefact root {store.artifacts_root} "
+                   f"(another store's, or --artifacts): {', '.join(map(str, plan.kept))}", err=True)
 
 
 @cli.command()
@@ -435,16 +465,20 @@ def delete(run_ids: tuple[str, ...], yes: bool, force: bool, db: str | None) -> 
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @db_option
+@artifacts_root_option
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
-def prune(keep: str, older_than: str | None, dry_run: bool, yes: bool, db: str | None, fmt: str) -> None:
-    """Apply a checkpoint retention policy to completed runs and say how much disk it freed."""
+def prune(keep: str, older_than: str | None, dry_run: bool, yes: bool, db: str | None, artifacts: str | None, fmt: str) -> None:
+    """Apply a checkpoint retention policy to completed runs and say how much disk it freed.
+
+    Partial checkpoint files that killed processes left behind are removed too.
+    """
     from runner import manage
 
-    store = _store(db, create=False)
+    store = _store(db, artifacts, create=False)
     candidates = manage.prune_candidates(store, keep, older_than)
     if candidates and not (yes or dry_run):
         files = sum(len(kinds) for kinds in candidates.values())
-        click.confirm(f"remove {files} checkpoint file(s) from {len(candidates)} run(s), keeping {keep}?", abort=True)
+        _confirm_or_exit(f"remove {files} checkpoint file(s) from {len(candidates)} run(s), keeping {keep}?", "nothing removed")
     result = manage.prune(store, keep=keep, older_than=older_than, dry_run=dry_run)
     if fmt == "json":
         _echo_json(result.as_dict())
@@ -453,6 +487,9 @@ def prune(keep: str, older_than: str | None, dry_run: bool, yes: bool, db: str |
     done = "to prune" if dry_run else "pruned"
     click.echo(f"{len(result.runs_pruned)} of {result.runs_considered} completed run(s) {done} (keep {keep}): "
                f"{result.files_removed} checkpoint file(s), {verb} {result.bytes_freed} bytes ({manage.human_bytes(result.bytes_freed)})")
+    if result.temporaries_removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {result.temporaries_removed} partial file(s) left by killed "
+                   f"processes ({manage.human_bytes(result.temporaries_bytes)})")
 
 
 def main(argv: list[str] | None = None) -> None:
