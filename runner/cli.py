@@ -340,7 +340,8 @@ def eval_command(run_id: str, overrides: tuple[str, ...], split: str, checkpoint
         return
     click.echo(f"run {result['run_id']} ({checkpoint} checkpoint, epoch {result['checkpoint_epoch']}) on {result['dataset']} "
                f"{split} split, {result['samples']} images:")
-    click.echo(f"loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  f1_macro {result['f1_macro']:.4f}")
+    loss = "null" if result["loss"] is None else f"{result['loss']:.4f}"  # not a finite number
+    click.echo(f"loss {loss}  accuracy {result['accuracy']:.4f}  f1_macro {result['f1_macro']:.4f}")
 
 
 @cli.command()

@@ -10,6 +10,7 @@ transforms (with ``GrayscaleToRgb`` where the run expanded grey images for an RG
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -187,7 +188,7 @@ def evaluate_run(
         result = evaluate(model, loader, build_loss(run_plan.spec, target), target, run_plan.num_classes)
     evaluation = {
         "split": split,
-        "loss": result["loss"],
+        "loss": result["loss"] if math.isfinite(result["loss"]) else None,  # null, as the store keeps a loss that diverged
         "accuracy": result["accuracy"],
         "f1_macro": result["f1_macro"],
         "checkpoint": checkpoint,

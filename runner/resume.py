@@ -18,9 +18,10 @@ from runner.errors import RunnerError
 from runner.execute import RunOutcome, setup, train_run
 from runner.files import remove_stale_temporaries
 from runner.lifecycle import heartbeat_interval
-from runner.plan import stored_plan
+from runner.plan import RunPlan, stored_plan
 from runner.store import RESUMABLE, Store, new_owner
 from runner.tensor_files import load_tensors
+from runner.upstream import upstream_run_id
 
 if TYPE_CHECKING:
     from runner.registries import Registries
@@ -58,12 +59,23 @@ def remove_leftovers(run_dir: Path) -> None:
         print(f"removed {removed} partial checkpoint file(s) left by a killed process ({freed} bytes) from {run_dir}", file=sys.stderr)
 
 
+def with_upstream_weights_here(run_plan: RunPlan, store: Store) -> RunPlan:
+    """Initial weights from another run of the store are where that run's best checkpoint is now: the
+    store may have moved since the plan recorded their path (their sha256 is checked all the same)."""
+    weights = run_plan.weights
+    upstream = upstream_run_id(weights.source) if weights is not None and weights.kind == "run" else None
+    record = store.query.checkpoints(upstream).get("best") if upstream else None
+    if record is None:
+        return run_plan
+    return replace(run_plan, weights=replace(weights, path=str(record["path"])))  # type: ignore[arg-type]
+
+
 def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = True) -> RunOutcome:
     """Continue the run ``run_id`` (an id or unique prefix) in ``store`` and return how it ended."""
     row = store.query.run_row(run_id)
     check_resumable(row)
     # the heartbeat of the process that trains now, which may not be the one that started the run
-    run_plan = replace(stored_plan(row, registries), heartbeat_s=heartbeat_interval())
+    run_plan = with_upstream_weights_here(replace(stored_plan(row, registries), heartbeat_s=heartbeat_interval()), store)
     if run_plan.spec_hash != row["spec_hash"]:
         raise RunnerError(f"run {row['id']}: its spec no longer resolves to the same experiment (has the data or a plugin changed?)")
     run_dir = store.artifacts_dir(row)
@@ -80,4 +92,4 @@ def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = 
     return train_run(store, row["id"], owner, run_plan, parts, run_dir, quiet, resume_from=state)
 
 
-__all__ = ["resume_run", "check_resumable", "load_last_checkpoint"]
+__all__ = ["resume_run", "check_resumable", "load_last_checkpoint", "with_upstream_weights_here"]

@@ -63,6 +63,11 @@ def find_upstream(spec: Spec, store: Any, registries: Registries, base_dir: str)
     return None
 
 
+def upstream_run_id(source: str) -> str | None:
+    """The upstream run a stored weights source names (``run:ID`` or ``run:ID (experiment …)``, as written above)."""
+    return source.removeprefix("run:").split(" ", 1)[0] if source.startswith("run:") else None
+
+
 def best_checkpoint(store: Any, run_id: str) -> Path:
     row = store.query.run_row(run_id)
     if row["status"] != "completed":
@@ -73,4 +78,4 @@ def best_checkpoint(store: Any, run_id: str) -> Path:
     return checkpoint["path"]
 
 
-__all__ = ["experiment_chain", "find_upstream", "best_checkpoint", "upstream_experiment", "experiment_path"]
+__all__ = ["experiment_chain", "find_upstream", "best_checkpoint", "upstream_experiment", "experiment_path", "upstream_run_id"]

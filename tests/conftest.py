@@ -106,11 +106,17 @@ def torch_home_at(directory: Path) -> Iterator[None]:
 
 
 def copy_store(source: Path, target: Path) -> Path:
-    """A private copy of an SQLite store (its checkpoints stay where they are), e.g. for commands that write."""
+    """A private copy of an SQLite store with its runs/ (its checkpoints), e.g. for commands that write.
+
+    Rows name checkpoints relative to runs/ beside the store, so the copy uses its own copies.
+    """
+    import shutil
     import sqlite3
 
     with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
         src.backup(dst)
+    if (source.parent / "runs").is_dir():
+        shutil.copytree(source.parent / "runs", target.parent / "runs", dirs_exist_ok=True)
     return target
 
 

@@ -69,6 +69,25 @@ def test_a_nan_validation_loss_fails_the_run_unless_the_spec_says_continue(run_c
     assert [e["val_loss"] for e in details["epochs"]] == [None, None]
     assert all(e["train_loss"] is not None and e["val_accuracy"] is not None for e in details["epochs"])
     assert details["test"]["loss"] is None and details["test"]["accuracy"] is not None
+    evaluated = run_cli("eval", went_on.out.strip(), "--db", db, "--format", "json")
+    assert evaluated.exit_code == 0, evaluated.err
+    assert evaluated.json()["loss"] is None  # valid JSON: null, never NaN
+    assert "loss null  accuracy " in run_cli("eval", went_on.out.strip(), "--db", db).out
     # the option decides only when to give up, not what is trained: both runs have one spec hash
     failed_id = re.search(r"run ([0-9a-f]{12})", failed.err).group(1)
     assert run_cli("show", failed_id, "--db", db, "--format", "json").json()["spec_hash"] == details["spec_hash"]
+
+
+def test_every_value_that_is_not_a_finite_number_is_stored_as_null(tmp_path: Path) -> None:
+    """SQLite would keep an infinity (and print it as Infinity, which is not JSON) but turn NaN into
+    NULL: the store makes both NULL, on every database."""
+    from runner.store import Store
+
+    store = Store(tmp_path / "results.db")
+    store.runs.create("inf000000000", name="x", spec_yaml="", spec_json="{}", spec_hash="-", model="cnn",
+                      strategy="full_finetune", dataset="mnist_bundled", seed=0)
+    store.runs.log_epoch("inf000000000", 1, {"train_loss": float("inf"), "val_loss": float("-inf"), "val_accuracy": 0.5}, 1.0)
+    store.runs.save_split_metrics("inf000000000", "test", {"loss": float("nan"), "accuracy": 0.5})
+    with sqlite3.connect(tmp_path / "results.db") as conn:
+        assert dict(conn.execute("SELECT name, value FROM epoch_metrics")) == {"train_loss": None, "val_loss": None, "val_accuracy": 0.5}
+        assert dict(conn.execute("SELECT name, value FROM split_metrics")) == {"loss": None, "accuracy": 0.5}

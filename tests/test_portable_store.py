@@ -40,7 +40,8 @@ def digit_png(path: Path) -> Path:
 
 @pytest.fixture
 def project(run_cli: Any, tiny_spec: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """A project directory: a store with two completed runs and one failed run that can resume."""
+    """A project directory: a store with two completed runs and one failed run, started from the first's
+    weights, that can resume."""
     root = tmp_path / "project"
     root.mkdir()
     db = root / "results.db"
@@ -49,8 +50,8 @@ def project(run_cli: Any, tiny_spec: Path, tmp_path: Path) -> tuple[Path, dict[s
         result = run_cli("run", tiny_spec, "--db", db, "-q", "--set", "training.epochs=1", *extra)
         assert result.exit_code == 0, result.err
         runs[name] = result.out.strip()
-    with checkpoint_of_epoch_fails(2):
-        assert run_cli("run", tiny_spec, "--db", db, "-q", "--set", "seed=2").exit_code == 1
+    with checkpoint_of_epoch_fails(2):  # transfer learning: its initial weights are another run's best checkpoint
+        assert run_cli("run", tiny_spec, "--db", db, "-q", "--set", "seed=2", "--set", f"model.weights={{run: {runs['kept']}}}").exit_code == 1
     runs["failed"] = next(r["id"] for r in run_cli("runs", "--db", db, "--format", "json").json() if r["status"] == "failed")
     return root, runs
 

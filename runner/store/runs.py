@@ -11,6 +11,7 @@ this process was paused), they raise :class:`RunTakenOver` and write nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import uuid
@@ -25,6 +26,12 @@ from runner.store.status import RESUMABLE, STATUSES, deadline, status_now, utcno
 
 if TYPE_CHECKING:
     from runner.store.database import Store
+
+
+def stored_number(value: float | None) -> float | None:
+    """A metric as a row holds it: a value that is not a finite number (a diverged loss) is NULL,
+    on every database alike (SQLite would keep an infinity but turn a NaN into NULL)."""
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def new_owner() -> str:
@@ -117,7 +124,7 @@ class RunWriter:
             check_owner(session, run_id, owner)
             session.execute(
                 sa.insert(EpochMetric),
-                [{"run_id": run_id, "epoch": epoch, "name": k, "value": float(v)} for k, v in metrics.items()],
+                [{"run_id": run_id, "epoch": epoch, "name": k, "value": stored_number(v)} for k, v in metrics.items()],
             )
             session.add(Epoch(run_id=run_id, epoch=epoch, duration_s=duration_s, finished_at=now))
             session.execute(sa.update(Run).where(Run.id == run_id).values(epochs_run=epoch, heartbeat_at=now, **run_fields))
@@ -130,7 +137,7 @@ class RunWriter:
             session.execute(sa.delete(SplitMetric).where(SplitMetric.run_id == run_id, SplitMetric.split == split))
             session.execute(
                 sa.insert(SplitMetric),
-                [{"run_id": run_id, "split": split, "name": k, "value": float(v)} for k, v in metrics.items()],
+                [{"run_id": run_id, "split": split, "name": k, "value": stored_number(v)} for k, v in metrics.items()],
             )
 
         self._store.write(write)
@@ -165,6 +172,8 @@ class RunWriter:
 
     def save_evaluation(self, run_id: str, **fields: Any) -> int:
         """A ``runner eval`` result of the run; its id."""
+        fields["loss"] = stored_number(fields.get("loss"))
+
         def write(session: Session) -> int:
             evaluation = Evaluation(run_id=run_id, created_at=utcnow(), **fields)
             session.add(evaluation)
