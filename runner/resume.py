@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from runner.errors import RunnerError
 from runner.execute import RunOutcome, setup, train_run
 from runner.lifecycle import heartbeat_interval
-from runner.plan import stored_plan
+from runner.plan import RunPlan, stored_plan
 from runner.store import RESUMABLE, Store, new_owner
 from runner.tensor_files import load_tensors
 
@@ -49,25 +49,34 @@ def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     return state
 
 
-def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = True) -> RunOutcome:
-    """Continue the run ``run_id`` (an id or unique prefix) in ``store`` and return how it ended."""
-    row = store.query.run_row(run_id)
-    check_resumable(row)
+def resumed_plan(row: dict[str, Any], registries: Registries) -> RunPlan:
+    """The plan a stored run goes on with: the one it was trained with, beating at this process's interval."""
     # the heartbeat of the process that trains now, which may not be the one that started the run
     run_plan = replace(stored_plan(row, registries), heartbeat_s=heartbeat_interval())
     if run_plan.spec_hash != row["spec_hash"]:
         raise RunnerError(f"run {row['id']}: its spec no longer resolves to the same experiment (has the data or a plugin changed?)")
+    return run_plan
+
+
+def resumed_columns(state: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's progress columns as of its last checkpoint (nothing when training starts over)."""
+    history = state["history"] if state else []
+    return {"best_epoch": state["early_stopping"]["best_epoch"] if state else None,
+            "best_val_accuracy": max((h["val_accuracy"] for h in history), default=None)}
+
+
+def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = True) -> RunOutcome:
+    """Continue the run ``run_id`` (an id or unique prefix) in ``store`` and return how it ended."""
+    row = store.query.run_row(run_id)
+    check_resumable(row)
+    run_plan = resumed_plan(row, registries)
     run_dir = store.artifacts_dir(row)
     state = load_last_checkpoint(run_dir)
     parts = setup(run_plan, registries, checkpoint=state, verify_weights=True)
-    history = state["history"] if state else []
     owner = new_owner()
-    store.runs.claim_for_resume(
-        row["id"], int(state["epoch"]) if state else 0, run_plan.heartbeat_s, owner=owner,
-        best_epoch=state["early_stopping"]["best_epoch"] if state else None,
-        best_val_accuracy=max((h["val_accuracy"] for h in history), default=None),
-    )
+    store.runs.claim_for_resume(row["id"], int(state["epoch"]) if state else 0, run_plan.heartbeat_s, owner=owner,
+                                **resumed_columns(state))
     return train_run(store, row["id"], owner, run_plan, parts, run_dir, quiet, resume_from=state)
 
 
-__all__ = ["resume_run", "check_resumable", "load_last_checkpoint"]
+__all__ = ["resume_run", "resumed_plan", "resumed_columns", "check_resumable", "load_last_checkpoint"]
