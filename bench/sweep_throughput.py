@@ -2,9 +2,11 @@
 
 Not a test: it prints figures. Each sweep is a whole ``runner run SPEC --seeds 8 -j N -q`` process on
 a new store (the quickstart spec, fewer epochs by default so it finishes in minutes; ``--epochs 8``
-for the quickstart's own). For each it prints the wall time, the runs' own training time
-(``duration_s``, claim to completion) and the rest divided by the runs: process start, planning and
-checking the 8 specs, queueing, claiming, building, and for -j 2 the workers' own start.
+for the quickstart's own): one worker with torch's default threads (the cores), one worker with one
+thread, and ``--jobs`` workers (one thread each on 2 cores). For each it prints the wall time, the
+runs' own time (``duration_s``: claim, plan, build and train) and the rest per run: process start,
+checking the 8 specs, queueing, and for -j 2 the workers' start (the rest of a parallel sweep
+assumes its runs overlapped perfectly, so it is a lower bound).
 
 Then the queue alone, on a new SQLite store, no training: the time to check (plan) one quickstart
 spec, to enqueue a run, to claim one, and to record its plan on the claimed row (``start``), per run.
@@ -44,10 +46,11 @@ def sweep_spec(directory: Path, epochs: int, runs: int) -> Path:
     return path
 
 
-def time_sweep(spec: Path, jobs: int, directory: Path) -> dict[str, float]:
-    db = directory / f"j{jobs}.db"
+def time_sweep(spec: Path, jobs: int, directory: Path, threads: int | None = None) -> dict[str, float]:
+    db = directory / f"j{jobs}-t{threads}.db"
+    extra = ["--set", f"performance.threads={threads}"] if threads else []
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "runner", "run", str(spec), "--db", str(db), "-j", str(jobs), "-q"],
+    result = subprocess.run([sys.executable, "-m", "runner", "run", str(spec), "--db", str(db), "-j", str(jobs), "-q", *extra],
                             capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:
@@ -115,19 +118,28 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--queue-runs", type=int, default=200)
+    parser.add_argument("--spin", action="store_true", help="leave OMP_WAIT_POLICY alone (default: PASSIVE, see the README's Speed section)")
+    parser.add_argument("--skip-sweeps", action="store_true", help="only the queue figures")
     args = parser.parse_args()
+    if not args.spin:  # spinning OpenMP threads make every parallel run crawl on a loaded machine
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     print(f"load before: {uptime()}")
-    print(f"cores: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}")
+    print(f"cores: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         spec = sweep_spec(directory, args.epochs, args.runs)
+        configurations = [] if args.skip_sweeps else [("-j 1", 1, None), ("-j 1, 1 thread", 1, 1), (f"-j {args.jobs}", args.jobs, None)]
         results = {}
-        for jobs in (1, args.jobs):
-            results[jobs] = figures = time_sweep(spec, jobs, directory)
-            print(f"-j {jobs}: {figures['runs']} runs x {args.epochs} epochs in {figures['wall']:.1f} s wall "
-                  f"({figures['runs'] / figures['wall'] * 60:.2f} runs/min); training {figures['training']:.1f} s in all; "
-                  f"overhead {figures['overhead_per_run']:.2f} s per run; torch threads per run {figures['threads']}")
-        print(f"speed-up of -j {args.jobs} over -j 1: {results[1]['wall'] / results[args.jobs]['wall']:.2f}x")
+        for label, jobs, threads in configurations:
+            results[label] = figures = time_sweep(spec, jobs, directory, threads)
+            print(f"{label}: {figures['runs']} runs x {args.epochs} epochs in {figures['wall']:.1f} s wall "
+                  f"({figures['runs'] / figures['wall'] * 60:.2f} runs/min); runs' own time {figures['training']:.1f} s in all; "
+                  f"the rest {figures['overhead_per_run']:.2f} s per run; torch threads per run {figures['threads']}", flush=True)
+        if results:
+            parallel = results[f"-j {args.jobs}"]["wall"]
+            print(f"-j {args.jobs} against -j 1: {results['-j 1']['wall'] / parallel:.2f}x; "
+                  f"against -j 1 with one thread: {results['-j 1, 1 thread']['wall'] / parallel:.2f}x")
         queue = time_queue(spec, directory, args.queue_runs)
         print(f"queue, {queue['runs']} runs on SQLite: check (plan) {queue['check'] * 1000:.1f} ms/run, "
               f"enqueue {queue['enqueue'] * 1000:.2f} ms/run, claim {queue['claim'] * 1000:.2f} ms/run "

@@ -32,7 +32,7 @@ from runner.errors import RunnerError, RunTakenOver
 from runner.execute import RunInterrupted, TrainingFailed, model_summary, run_columns, setup, train_run
 from runner.lifecycle import StopBeating, heartbeat, heartbeat_interval, signals_deferred, stop_on_signals
 from runner.resume import load_last_checkpoint, resumed_columns, resumed_plan
-from runner.store import Store, new_owner
+from runner.store import DB_ENV, Store, new_owner
 from runner.store.queue import Claim
 
 if TYPE_CHECKING:
@@ -192,8 +192,9 @@ def threads_per_worker(jobs: int, cores: int | None = None) -> int:
 
 
 def worker_command(store: Store, sweep_id: str | None, threads: int | None = None) -> list[str]:
-    """The command line of one worker process on the same store (and artefact directory) as ``store``."""
-    argv = [sys.executable, "-m", "runner", "worker", "--db", store.url, "--artifacts", str(store.artifacts_root), "-q"]
+    """The command line of one worker process on the same artefact directory as ``store`` (the store
+    itself is named in the environment, :func:`worker_environment`, so no URL shows in a process list)."""
+    argv = [sys.executable, "-m", "runner", "worker", "--artifacts", str(store.artifacts_root), "-q"]
     if sweep_id is not None:
         argv += ["--sweep", sweep_id]
     if threads is not None:
@@ -201,9 +202,9 @@ def worker_command(store: Store, sweep_id: str | None, threads: int | None = Non
     return argv
 
 
-def worker_environment(threads: int | None, device: str | None) -> dict[str, str]:
-    """The environment of a worker process: its thread count and device are set before torch loads."""
-    env = dict(os.environ)
+def worker_environment(store: Store, threads: int | None, device: str | None) -> dict[str, str]:
+    """The environment of a worker process: its store, and its thread count and device, set before torch loads."""
+    env = {**os.environ, DB_ENV: store.url}
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     if device is not None:
@@ -233,7 +234,7 @@ class LocalWorkers:
         for i in range(jobs):
             log = tempfile.TemporaryFile()
             device = devices[i % len(devices)] if devices else None
-            processes.append(subprocess.Popen(worker_command(store, sweep_id, threads), env=worker_environment(threads, device),
+            processes.append(subprocess.Popen(worker_command(store, sweep_id, threads), env=worker_environment(store, threads, device),
                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
             logs.append(log)
         return cls(processes, logs)

@@ -247,6 +247,29 @@ def test_eight_processes_claiming_one_queue_at_the_same_instant_never_take_a_run
     assert {r["attempts"] for r in sweep_rows(db)} == {1}
 
 
+def test_each_local_worker_gets_its_share_of_the_cores_and_one_device_set_before_torch_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runner import workers
+
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    class Recorded:
+        def __init__(self, argv: list[str], env: dict[str, str], **_: Any) -> None:
+            started.append((argv, env))
+
+    monkeypatch.setattr(workers.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(workers, "available_cores", lambda: 16)
+    store = Store(tmp_path / "results.db")
+    workers.LocalWorkers.start(store, "abc", 3, devices=["0", "1"]).close()
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["0", "1", "0"]
+    assert {(env["OMP_NUM_THREADS"], argv[argv.index("--threads") + 1]) for argv, env in started} == {("5", "5")}
+    argv = started[0][0]
+    assert argv[1:4] == ["-m", "runner", "worker"] and {env["RUNNER_DB"] for _, env in started} == {store.url}
+    assert argv[argv.index("--sweep") + 1] == "abc" and argv[argv.index("--artifacts") + 1] == str(tmp_path / "runs")
+    assert [workers.threads_per_worker(jobs, cores=2) for jobs in (1, 2, 3)] == [2, 1, 1]
+
+
 # ------------------------------------------------------------------------------------------
 # Running sweeps
 

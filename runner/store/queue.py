@@ -100,7 +100,7 @@ def requeue_lost(session: Session, now: datetime, sweep_id: str | None = None) -
     while they have attempts left. They keep their rows and checkpoints: the next start resumes them.
     The owner is cleared, so a worker that was only paused finds its run taken when it wakes."""
     lost = list(session.execute(
-        sa.select(Run.id).where(_in_sweep(sweep_id), status_now(now) == "lost", _attempts_left())
+        sa.select(Run.id).where(_in_sweep(sweep_id), status_now(now) == "lost", _attempts_left()).with_for_update(skip_locked=True)
     ).scalars())
     if lost:
         session.execute(sa.update(Run).where(Run.id.in_(lost)).values(status="queued", owner=None, lost_after=None))
