@@ -144,8 +144,9 @@ def main() -> None:
         print(f"queue, {queue['runs']} runs on SQLite: check (plan) {queue['check'] * 1000:.1f} ms/run, "
               f"enqueue {queue['enqueue'] * 1000:.2f} ms/run, claim {queue['claim'] * 1000:.2f} ms/run "
               f"(slowest {queue['claim_max'] * 1000:.1f} ms), record the plan {queue['start'] * 1000:.2f} ms/run")
-        per_run = queue["check"] + queue["enqueue"] + queue["claim"] + queue["start"]
-        print(f"queueing and claiming: {per_run:.3f} s per run (target < 0.2 s)")
+        per_run = queue["enqueue"] + queue["claim"] + queue["start"]
+        print(f"queueing and claiming (enqueue + claim + record the plan): {per_run:.3f} s per run (target < 0.2 s); "
+              f"with the check before queueing: {per_run + queue['check']:.3f} s per run")
     print(f"load after: {uptime()}")
 
 

@@ -268,7 +268,8 @@ class Spec(_Strict):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.resolved(), sort_keys=False)
+        # libyaml's emitter where PyYAML has it: the same text, several times faster (a sweep stores hundreds)
+        return yaml.dump(self.resolved(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of the resolved spec: equal specs, equal hash."""

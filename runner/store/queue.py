@@ -188,8 +188,9 @@ class RunQueue:
         def write(session: Session) -> Claim | None:
             now = utcnow()
             requeue_lost(session, now, sweep_id)
+            has_last_checkpoint = sa.exists().where(Checkpoint.run_id == Run.id, Checkpoint.kind == "last")
             candidate = session.execute(
-                sa.select(Run.id, Run.sweep_id, Sweep.spec_dir)
+                sa.select(Run.id, Run.sweep_id, Run.attempts, Sweep.spec_dir, has_last_checkpoint.label("resume"))
                 .join(Sweep, Sweep.id == Run.sweep_id)
                 .where(Run.status == "queued", _in_sweep(sweep_id))
                 .order_by(Sweep.created_at, Sweep.id, Run.sweep_index)
@@ -205,11 +206,7 @@ class RunQueue:
             )
             if claimed.rowcount != 1:  # the lock above makes this impossible; never run a run twice
                 raise StoreError(f"run {candidate.id} was claimed by another worker at the same time")
-            attempts = session.execute(sa.select(Run.attempts).where(Run.id == candidate.id)).scalar_one()
-            resume = session.execute(
-                sa.select(Checkpoint.run_id).where(Checkpoint.run_id == candidate.id, Checkpoint.kind == "last")
-            ).first() is not None
-            return Claim(candidate.id, candidate.sweep_id, owner, int(attempts), candidate.spec_dir, resume)
+            return Claim(candidate.id, candidate.sweep_id, owner, int(candidate.attempts) + 1, candidate.spec_dir, bool(candidate.resume))
 
         return self._store.write(write, exclusive=True)
 

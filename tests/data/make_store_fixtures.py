@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 BASE = "dee5d78fd225fc5510d3728ae2780b623b90be1e"  # the last commit with runner/store.py (schema version 3)
-BASE_V4 = "a9c8a2e4fb808bd159545cd90b48a2f1dbb125b5"  # the last commit of schema version 4 (see main's docstring)
+BASE_V4 = "a9c8a2e4fb808bd159545cd90b48a2f1dbb125b5"  # main before sweeps: the last commit of schema version 4
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
