@@ -362,6 +362,13 @@ def test_sweep_status_and_list_describe_the_sweep_without_torch(run_cli: Any, se
     assert [(s["id"], s["runs"], s["counts"]) for s in listed] == [(status["id"], 6, {"completed": 6})]
     shown = run_cli("show", status["runs"][0]["id"], "--db", sequential_sweep, "--format", "json").json()
     assert (shown["sweep_id"], shown["combination"], shown["attempts"]) == (status["id"], {LR: 0.003}, 1)
+    listed_runs = run_cli("runs", "--sweep", status["id"][:6], "--db", sequential_sweep, "--format", "json").json()
+    assert sorted(r["id"] for r in listed_runs) == sorted(r["id"] for r in status["runs"])
+
+    import runner
+
+    frame = runner.runs(db=sequential_sweep, sweep="grid")
+    assert len(frame) == 6 and set(frame["sweep_id"]) == {status["id"]} and set(frame["attempts"]) == {1}
 
     code = ("import sys\nfrom runner.cli import main\n"
             f"for args in (['sweep', 'status', '--db', {str(sequential_sweep)!r}], ['sweep', 'list', '--db', {str(sequential_sweep)!r}],\n"
