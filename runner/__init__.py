@@ -200,17 +200,19 @@ def predict(
     return predict_images(run_model, images, top_k=top_k)
 
 
-def runs(*, db: str | Path | None = None, status: str | None = None, name: str | None = None, tags: Sequence[str] = ()) -> pd.DataFrame:
+def runs(*, db: str | Path | None = None, status: str | None = None, name: str | None = None, tags: Sequence[str] = (),
+         sweep: str | None = None) -> pd.DataFrame:
     """Runs as a pandas DataFrame, newest first: the ``runner runs --format json`` columns.
 
-    :param status: only runs with this status; ``name``: a glob on the run name; ``tags``: runs carrying all of them.
+    :param status: only runs with this status; ``name``: a glob on the run name; ``tags``: runs carrying all of them;
+        ``sweep``: the runs of one sweep (its id, id prefix or name).
     """
     import pandas as pd
 
     from runner.reports import SUMMARY_KEYS, runs_list
 
-    frame = pd.DataFrame(runs_list(_store(db), status=status, name=name, tags=tags),
-                         columns=[*SUMMARY_KEYS, "started_at", "tags"])
+    frame = pd.DataFrame(runs_list(_store(db), status=status, name=name, tags=tags, sweep=sweep),
+                         columns=[*SUMMARY_KEYS, "started_at", "tags", "sweep_id", "attempts"])
     frame["started_at"] = pd.to_datetime(frame["started_at"])
     return frame
 

@@ -15,7 +15,7 @@ from runner.errors import RunnerError
 from runner.version import __version__
 
 # Commands that import torch (through the plugins); the others answer without it.
-LOADS_TORCH = frozenset({"run", "resume", "validate", "summary", "eval", "predict", "export", "reproduce", "plugins", "models"})
+LOADS_TORCH = frozenset({"run", "resume", "validate", "summary", "eval", "predict", "export", "reproduce", "plugins", "models", "worker"})
 
 db_option = click.option("--db", envvar="RUNNER_DB", default=None, metavar="URL|PATH", help="Results store (default: results.db; env RUNNER_DB).")
 
@@ -81,6 +81,47 @@ def cli(ctx: click.Context, debug: bool) -> None:
         exit_hook.install()  # these commands import torch: skip ~1 s of garbage collection at exit
 
 
+def _options(*options: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+# What makes a spec a sweep (``run``, ``sweep plan``, ``sweep run``), and how its workers run
+sweep_options = _options(
+    click.option("--sweep", "grid", multiple=True, metavar="KEY=V1,V2", help="Run once per value of KEY (a grid over every --sweep); repeatable."),
+    click.option("--seeds", default=None, metavar="N|S1,S2", help="Run every configuration once per seed (N: seeds 0..N-1)."),
+    click.option("--max-attempts", type=click.IntRange(min=1), default=None, help="Starts a failed or lost run of a sweep gets (default 2)."),
+)
+worker_options = _options(
+    click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes for a sweep."),
+    click.option("--devices", default=None, metavar="I,J", help="CUDA devices for the workers: worker k uses device k mod their count."),
+)
+
+
+def _devices(text: str | None) -> list[str]:
+    return [d.strip() for d in (text or "").split(",") if d.strip()]
+
+
+def _run_sweep(document: Any, db: str | None, artifacts: str | None, jobs: int, devices: str | None, quiet: bool) -> None:
+    """Plan every run of the sweep (nothing stored on a bad one), queue them, let workers run them, print the outcome."""
+    from runner import exit_hook
+    from runner.sweeps import plan_sweep, run_sweep
+
+    exit_hook.install()
+    registries = _load_registries()
+    planned = plan_sweep(document, registries)  # a bad combination must fail before the store is touched
+    outcome = run_sweep(document, planned, _store(db, artifacts), registries, jobs=jobs, devices=_devices(devices), quiet=quiet)
+    for line in outcome.lines():
+        click.echo(line, err=True)
+    click.echo(outcome.sweep_id)
+    if outcome.exit_code:
+        sys.exit(outcome.exit_code)
+
+
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted path); repeatable.")
@@ -88,11 +129,21 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--artifacts", default=None, metavar="DIR", help="Where run artefacts go (default: runs/ beside the store).")
 @click.option("--device", default=None, help="Override the spec's device (auto, cpu, cuda, cuda:N, mps).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str | None, device: str | None, quiet: bool) -> None:
-    """Train the experiment in SPEC and print the new run's id."""
+@sweep_options
+@worker_options
+def run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str | None, device: str | None, quiet: bool,
+        grid: tuple[str, ...], seeds: str | None, max_attempts: int | None, jobs: int, devices: str | None) -> None:
+    """Train the experiment in SPEC and print the new run's id; a sweep prints its id (see `runner sweep`)."""
     from runner.execute import run_experiment
     from runner.spec import load_spec
+    from runner.sweeps import load_sweep
 
+    document = load_sweep(spec, [*overrides, *([f"device={device}"] if device else [])], grid, seeds, max_attempts)
+    if document is not None:
+        _run_sweep(document, db, artifacts, jobs, devices, quiet)
+        return
+    if jobs != 1 or devices:
+        raise RunnerError("-j and --devices run the workers of a sweep: add --sweep KEY=V1,V2 or --seeds, or sweep:/seeds: to the spec")
     load_spec(spec, list(overrides))  # a bad spec must fail before the store is touched
     registries = _load_registries()
     outcome = run_experiment(spec, overrides, store=_store(db, artifacts), registries=registries, device=device, quiet=quiet)
@@ -123,7 +174,12 @@ def validate(spec: Path, overrides: tuple[str, ...]) -> None:
     """Check the whole of SPEC (keys, names, arguments, data, model, stages) without running it or reading weights."""
     from runner.plan import plan
     from runner.spec import load_spec
+    from runner.sweeps import load_sweep, plan_sweep
 
+    document = load_sweep(spec, overrides)
+    if document is not None:  # a sweep: every run of it
+        click.echo(f"{spec}: ok (a sweep of {len(plan_sweep(document, _load_registries()))} runs)")
+        return
     checked = plan(load_spec(spec, list(overrides)), _load_registries(), base_dir=str(spec.parent), read_weights=False)
     resolved = checked.spec
     click.echo(f"{spec}: ok ({resolved.model.name}, {resolved.training.strategy.name}, {resolved.training.epochs} epochs)")
@@ -135,12 +191,14 @@ def validate(spec: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--name", default=None, metavar="GLOB", help="Only runs whose name matches GLOB (* any characters, ? one).")
 @click.option("--limit", type=int, default=None)
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="Only runs with this tag; repeatable (all must match).")
+@click.option("--sweep", "sweep_ref", default=None, metavar="ID|NAME", help="Only the runs of this sweep.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def runs(db: str | None, status: str | None, name: str | None, limit: int | None, tags: tuple[str, ...], fmt: str) -> None:
+def runs(db: str | None, status: str | None, name: str | None, limit: int | None, tags: tuple[str, ...], sweep_ref: str | None,
+         fmt: str) -> None:
     """List runs, newest first."""
     from runner.reports import runs_list
 
-    rows = runs_list(_store(db, create=False), status=status, name=name, limit=limit, tags=tags)
+    rows = runs_list(_store(db, create=False), status=status, name=name, limit=limit, tags=tags, sweep=sweep_ref)
     if fmt == "json":
         _echo_json(rows)
     else:
@@ -199,9 +257,12 @@ def show(run_id: str, db: str | None, fmt: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE instead of stdout.")
 @click.option("--max-plots", type=click.IntRange(min=0), default=20, show_default=True, help="HTML: runs that get figures.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="Only runs with this tag; repeatable (all must match).")
+@click.option("--sweep", "sweep_ref", default=None, metavar="ID|NAME",
+              help="Only a sweep's runs, grouped by its swept keys (--group-by none: one row per run).")
+@click.option("--best", default=None, metavar="[-]METRIC", help="The best group by mean METRIC (-METRIC: lowest), with its CI and the runner-up.")
 def report(db: str | None, status: str | None, name: str | None, since: str | None, where: tuple[str, ...], columns: str | None,
            sort: str | None, group_by: str | None, fmt: str | None, output: Path | None, max_plots: int,
-           tags: tuple[str, ...]) -> None:
+           tags: tuple[str, ...], sweep_ref: str | None, best: str | None) -> None:
     """A report of runs (pandas), printed or written to a file."""
     from runner import reports
 
@@ -209,13 +270,24 @@ def report(db: str | None, status: str | None, name: str | None, since: str | No
     request = reports.make_request(status=status, name=name, since=since, where=where, columns=columns, sort=sort, group_by=group_by,
                                    tags=tags)
     store = _store(db, create=False)
+    if sweep_ref is not None:
+        request = reports.for_sweep(request, *reports.sweep_selection(store, sweep_ref), group_by_given=group_by is not None)
     built = reports.build_report(store, request)
+    verdict = reports.best_group(built, request.group_by, best) if best else None
     if fmt == "html":
         from runner.html_report import render_html
 
-        data: str | bytes = render_html(built, store, max_plots=max_plots)
+        data: str | bytes = render_html(built, store, max_plots=max_plots, swept=request.group_by if sweep_ref else (),
+                                        best=verdict)
+    elif fmt == "json" and verdict is not None:  # a new shape only where --best asks for more than the table
+        data = json.dumps({"groups": reports.frame_records(built.groups), "best": verdict.to_json()}, indent=2,
+                          default=reports.json_default)
     else:
         data = reports.render(built, fmt)
+        if verdict is not None and fmt == "table" and output is None:
+            data = "\n".join([str(data), "", *verdict.lines()])
+        elif verdict is not None:  # the file or the data on stdout stay as the format has them
+            click.echo("\n".join(verdict.lines()), err=True)
     if output is None:
         click.echo(data)
     else:
@@ -305,6 +377,134 @@ def summary(spec: Path, overrides: tuple[str, ...]) -> None:
     click.echo(model_summary(model, run_plan.data.input_shape, "cpu"))
     click.echo(f"total parameters: {run_plan.model.params_total:,}")
     click.echo(f"trainable parameters: {run_plan.model.params_trainable:,}")
+
+
+# ------------------------------------------------------------------------------------------
+# Sweeps and workers
+
+
+@cli.command()
+@db_option
+@click.option("--artifacts", default=None, metavar="DIR", help="Where new run directories go (default: runs/ beside the store).")
+@click.option("--sweep", "sweep_ref", default=None, metavar="ID|NAME", help="Only runs of this sweep (default: of any sweep, oldest first).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads (unless a spec sets performance.threads).")
+@click.option("--quiet", "-q", is_flag=True, help="Say only what failed.")
+def worker(db: str | None, artifacts: str | None, sweep_ref: str | None, threads: int | None, quiet: bool) -> None:
+    """Take queued runs from the store one at a time and train them, until the queue is empty.
+
+    Exit code 0 when every run it took completed, 1 when one failed, 130/143 when stopped.
+    """
+    import os
+
+    if threads is not None:  # before torch loads: OpenMP reads it once
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    store = _store(db, artifacts, create=False)
+    sweep_id = store.queue.sweep_row(sweep_ref)["id"] if sweep_ref else None
+    registries = _load_registries()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    from runner.workers import work
+
+    def on_run_end(run_id: str, status: str, detail: str) -> None:
+        if status != "completed" or not quiet:
+            click.echo(f"run {run_id} {status}: {detail}", err=True)
+
+    report = work(store, registries, sweep_id=sweep_id, quiet=quiet, on_run_end=on_run_end)
+    if not quiet:
+        click.echo(f"worker done: {len(report.runs)} run(s) taken, no queued run left", err=True)
+    if report.exit_code:
+        sys.exit(report.exit_code)
+
+
+@cli.group()
+def sweep() -> None:
+    """Many runs from one spec (sweep: and seeds: sections, or --sweep/--seeds): plan, run and follow them."""
+
+
+@sweep.command("plan")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted path); repeatable.")
+@sweep_options
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def sweep_plan(spec: Path, overrides: tuple[str, ...], grid: tuple[str, ...], seeds: str | None, max_attempts: int | None, fmt: str) -> None:
+    """Every run the sweep in SPEC expands to, in order, each checked whole (nothing runs, nothing is stored)."""
+    from runner import exit_hook
+    from runner.sweep_progress import combination_label
+    from runner.sweeps import load_sweep, plan_sweep, sweep_hash
+
+    exit_hook.install()
+    document = load_sweep(spec, overrides, grid, seeds, max_attempts)
+    if document is None:
+        raise RunnerError(f"{spec} is not a sweep: it has no sweep: or seeds: section (or give --sweep KEY=V1,V2 / --seeds)")
+    planned = plan_sweep(document, _load_registries())
+    if fmt == "json":
+        _echo_json({"name": document.name, "keys": list(document.keys), "spec_hash": sweep_hash(planned),
+                    "max_attempts": document.section.max_attempts,
+                    "runs": [{"index": p.run.index, "combination": p.run.combination, "seed": p.seed, "spec_hash": p.spec_hash,
+                              "spec": p.spec.resolved()} for p in planned]})
+        return
+    click.echo(f"sweep {document.name}: {len(planned)} runs, each checked (keys: {', '.join(document.keys) or 'seeds only'})")
+    width = len(str(len(planned)))
+    for p in planned:
+        click.echo(f"{p.run.index:>{width}}  {p.spec_hash[:12]}  {combination_label(p.run.combination, p.seed)}")
+
+
+@sweep.command("run")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted path); repeatable.")
+@db_option
+@click.option("--artifacts", default=None, metavar="DIR", help="Where run artefacts go (default: runs/ beside the store).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@sweep_options
+@worker_options
+def sweep_run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str | None, quiet: bool, grid: tuple[str, ...],
+              seeds: str | None, max_attempts: int | None, jobs: int, devices: str | None) -> None:
+    """Queue every run of the sweep in SPEC (or continue the same sweep) and run them with -j workers; print the sweep id.
+
+    Exit code 0 when every run completed, 1 when any failed (one line each), 130 on Ctrl-C.
+    """
+    from runner.sweeps import load_sweep
+
+    document = load_sweep(spec, overrides, grid, seeds, max_attempts)
+    if document is None:
+        raise RunnerError(f"{spec} is not a sweep: it has no sweep: or seeds: section (or give --sweep KEY=V1,V2 / --seeds)")
+    _run_sweep(document, db, artifacts, jobs, devices, quiet)
+
+
+@sweep.command("status")
+@click.argument("sweep_ref", required=False, metavar="[ID|NAME]")
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def sweep_status(sweep_ref: str | None, db: str | None, fmt: str) -> None:
+    """A sweep's runs (default: the newest sweep): counts per status, and per run its status, attempts and result."""
+    from runner.reports import sweep_status as status_of
+
+    status = status_of(_store(db, create=False), sweep_ref)
+    if fmt == "json":
+        _echo_json(status)
+        return
+    counts = ", ".join(f"{n} {s}" for s, n in status["counts"].items())
+    click.echo(f"sweep {status['name']} ({status['id']}), created {status['created_at']}: {len(status['runs'])} runs: {counts}")
+    rows = [{**r, "epochs": f"{r['epochs_run']}/{r['epochs']}"} for r in status["runs"]]
+    click.echo(_table(rows, ["index", "id", "status", "attempts", "epochs", "test_accuracy", "label", "error"]))
+
+
+@sweep.command("list")
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def sweep_list(db: str | None, fmt: str) -> None:
+    """Every sweep, newest first, with its runs counted per status."""
+    from runner.reports import sweeps_list
+
+    rows = sweeps_list(_store(db, create=False))
+    if fmt == "json":
+        _echo_json(rows)
+        return
+    statuses = ["completed", "running", "failed", "interrupted", "lost", "queued"]
+    table = [{**r, "keys": ",".join(r["keys"]), **{s: r["counts"].get(s, 0) for s in statuses}} for r in rows]
+    click.echo(_table(table, ["id", "name", "created_at", "runs", *statuses, "keys"]))
 
 
 # ------------------------------------------------------------------------------------------

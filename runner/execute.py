@@ -221,10 +221,14 @@ def setup(run_plan: RunPlan, registries: Registries, *, data: data_mod.LoadedDat
 def record_new_run(store: Store, run_plan: RunPlan, summary: str, owner: str) -> str:
     """The run's row, ``running`` and owned by ``owner``, with its resolved spec, plan and provenance; its id."""
     run_id = store.new_run_id()
+    store.runs.create(run_id, owner=owner, heartbeat_s=run_plan.heartbeat_s, **run_columns(run_plan, summary))
+    return run_id
+
+
+def run_columns(run_plan: RunPlan, summary: str) -> dict[str, Any]:
+    """What a run's row records of its plan: resolved spec, settings, model, weights and where it runs."""
     spec = run_plan.spec
-    store.runs.create(
-        run_id,
-        owner=owner,
+    return dict(
         name=spec.name,
         spec_yaml=spec.to_yaml(),
         spec_json=json.dumps(spec.resolved(), sort_keys=True),
@@ -243,10 +247,8 @@ def record_new_run(store: Store, run_plan: RunPlan, summary: str, owner: str) ->
         class_names_json=json.dumps(list(run_plan.data.class_names)),
         weights_source=run_plan.weights.source if run_plan.weights else None,
         weights_sha256=run_plan.weights.sha256 if run_plan.weights else None,
-        heartbeat_s=run_plan.heartbeat_s,
         **environment(),
     )
-    return run_id
 
 
 def record_failure(store: Store, run_id: str, owner: str, exc: BaseException) -> StoreError | None:
@@ -319,5 +321,5 @@ def train_run(
     return RunOutcome(run_id, "completed", test)
 
 
-__all__ = ["run_experiment", "setup", "train_run", "record_new_run", "RunOutcome", "RunInterrupted", "TrainingFailed",
+__all__ = ["run_experiment", "setup", "train_run", "record_new_run", "run_columns", "RunOutcome", "RunInterrupted", "TrainingFailed",
            "RunnerError", "SpecError"]

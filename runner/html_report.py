@@ -7,12 +7,12 @@ can be mailed or attached as it is. It loads nothing from the network and runs n
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Sequence
 
 import jinja2
 from markupsafe import Markup
 
-from runner.reports import Report, blank_missing, plot_data
+from runner.reports import Best, Report, blank_missing, plot_data
 from runner.store import Store, utcnow
 
 TEMPLATE = """<!DOCTYPE html>
@@ -41,6 +41,13 @@ figcaption { font-weight: 600; margin-bottom: 0.4em; }
 <h2>Groups</h2>
 <p class="meta">Mean, sample standard deviation and 95% confidence half-width (Student's t) per metric.</p>
 {{ groups_html }}
+{% endif %}
+{% if sweep_figure or best_lines %}
+<h2>Sweep</h2>
+{% for line in best_lines %}<p class="meta">{{ line }}</p>
+{% endfor %}
+{% if sweep_figure %}<figure><figcaption>{{ sweep_metric }} against each swept key (mean ± 95% CI over seeds)</figcaption>
+<img alt="{{ sweep_metric }} against each swept key" src="data:image/png;base64,{{ sweep_figure }}"></figure>{% endif %}
 {% endif %}
 <h2>Runs</h2>
 {{ runs_html }}
@@ -75,8 +82,19 @@ def _png_base64(figure: Any) -> str:
     return base64.b64encode(figure_bytes(figure, "png")).decode("ascii")
 
 
-def render_html(report: Report, store: Store | None, title: str = "runner report", max_plots: int = 20) -> str:
-    """The whole report as one HTML document; figures for the first ``max_plots`` runs in report order."""
+def render_html(report: Report, store: Store | None, title: str = "runner report", max_plots: int = 20,
+                swept: Sequence[str] = (), best: Best | None = None) -> str:
+    """The whole report as one HTML document; figures for the first ``max_plots`` runs in report order.
+
+    A sweep's report (``swept``: its keys, the report grouped by them) gets a section with the metric
+    (``best``'s, else test accuracy) against each key, and the best configuration beside the runner-up.
+    """
+    sweep_metric = best.metric if best is not None else "test_accuracy"
+    sweep_png = None
+    if swept and report.groups is not None and f"{sweep_metric}_mean" in report.groups.columns:
+        from runner.plots import sweep_figure
+
+        sweep_png = _png_base64(sweep_figure(report.groups, list(swept), sweep_metric))
     plotted_ids = report.run_ids[: max(0, max_plots)] if store is not None else []
     figures, overlay = [], None
     if plotted_ids:
@@ -95,6 +113,9 @@ def render_html(report: Report, store: Store | None, title: str = "runner report
         groups_html=Markup(_table_html(report.groups)) if report.groups is not None else None,
         runs_html=Markup(_table_html(report.runs)),
         overlay=overlay,
+        sweep_figure=sweep_png,
+        sweep_metric=sweep_metric,
+        best_lines=best.lines() if best is not None else [],
         figures=figures,
         plotted=len(figures),
     )

@@ -55,6 +55,11 @@ class Interrupted(KeyboardInterrupt):
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name
 
+    @property
+    def exit_code(self) -> int:
+        """As a shell reports a process ended by the signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
 
 class _SignalState:
     """Process-wide, as signal handlers are: how deep in deferred blocks we are, and what waits."""

@@ -138,3 +138,50 @@ def overlay_figure(runs: Sequence[RunPlotData]) -> Figure:
             _nothing(ax, "no epochs recorded")
     _margins(figure, 1, left_in=0.6)
     return figure
+
+
+# ------------------------------------------------------------------------------------------
+# Sweeps: a metric against each swept key
+
+
+MAX_SWEEP_LINES = 8  # configurations of the other keys drawn in one panel
+
+
+def _positions(values: Sequence[Any]) -> tuple[list[float], list[str] | None, bool]:
+    """Where each value goes on the x axis: the number itself (log scale when positive values span
+    a factor of 10 or more), else its place in order of appearance with the value as tick label."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        numbers = [float(v) for v in values]
+        positive = [n for n in numbers if n > 0]
+        return numbers, None, len(positive) == len(numbers) and max(positive) >= 10 * min(positive)
+    labels = list(dict.fromkeys(str(v) for v in values))
+    return [float(labels.index(str(v))) for v in values], labels, False
+
+
+def sweep_figure(groups: Any, keys: Sequence[str], metric: str) -> Figure:
+    """One panel per swept key: the mean of ``metric`` (``<metric>_mean`` of a grouped report) against
+    the key's values, ± its 95% confidence half-width, one line per configuration of the other keys."""
+    figure = new_figure(4.6 * len(keys), ROW_HEIGHT_IN)
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        others = [k for k in keys if k != key]
+        lines = groups.groupby([groups[k].astype(str) for k in others], sort=False) if others else [((), groups)]
+        for n, (label, part) in enumerate(lines):
+            if n == MAX_SWEEP_LINES:
+                break
+            part = part.sort_values(key, key=lambda s: s.astype(str) if s.dtype == object else s)
+            x, ticks, log = _positions(part[key].tolist())
+            ci = part[f"{metric}_ci95"].fillna(0).to_numpy(dtype=float)
+            name = ", ".join(f"{k}={v}" for k, v in zip(others, label if isinstance(label, tuple) else (label,))) or None
+            ax.errorbar(x, part[f"{metric}_mean"].to_numpy(dtype=float), yerr=ci, marker="o", capsize=3, label=name)
+            if ticks is not None:
+                ax.set_xticks(range(len(ticks)), ticks)
+            if log:
+                ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{metric} (mean ± 95% CI)")
+        ax.grid(alpha=0.3)
+        if others:
+            ax.legend(fontsize="small")
+    _margins(figure, 1)
+    return figure

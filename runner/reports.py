@@ -8,7 +8,7 @@ Python work, and the 2,000,000 per-epoch metric rows of a big store are never re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,11 +51,13 @@ def _iso(value: Any) -> Any:
 
 
 def runs_list(store: Store, status: str | None = None, name: str | None = None, limit: int | None = None,
-              tags: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """``runner runs``: the JSON-contract keys first, then when each run started and its tags."""
-    rows = store.query.runs_table(RunFilter(status=status, name_glob=name, tags=tuple(tags)), limit=limit)
+              tags: Sequence[str] = (), sweep: str | None = None) -> list[dict[str, Any]]:
+    """``runner runs``: the JSON-contract keys first, then when each run started, its tags, its sweep and its attempts."""
+    sweep_id = store.queue.sweep_row(sweep)["id"] if sweep else None
+    rows = store.query.runs_table(RunFilter(status=status, name_glob=name, tags=tuple(tags), sweep_id=sweep_id), limit=limit)
     tagged = store.query.tags([row["id"] for row in rows])
-    return [{**{k: row[k] for k in SUMMARY_KEYS}, "started_at": _iso(row["started_at"]), "tags": tagged.get(row["id"], [])} for row in rows]
+    return [{**{k: row[k] for k in SUMMARY_KEYS}, "started_at": _iso(row["started_at"]), "tags": tagged.get(row["id"], []),
+             "sweep_id": row["sweep_id"], "attempts": row["attempts"]} for row in rows]
 
 
 def run_details(store: Store, run_id: str) -> dict[str, Any]:
@@ -107,6 +109,9 @@ def run_details(store: Store, run_id: str) -> dict[str, Any]:
         "model_summary": row["model_summary"],
         "tags": store.query.tags([run_id]).get(run_id, []),
         "evaluations": [_evaluation(e) for e in store.query.evaluations(run_id)],
+        "sweep_id": row["sweep_id"],
+        "combination": json.loads(row["combination_json"]) if row["combination_json"] else None,
+        "attempts": row["attempts"],
     }
     return details
 
@@ -183,6 +188,7 @@ class Report:
     runs: Any  # DataFrame, one row per run, the requested columns
     groups: Any | None  # DataFrame, one row per group (with --group-by), else None
     run_ids: list[str]  # in report order, whichever columns were asked for
+    frame: Any = None  # DataFrame, one row per run, every column (what the groups were computed from)
 
     @property
     def table(self) -> Any:
@@ -290,7 +296,118 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         frame = sort_frame(frame, request.sort)
     default_columns = [c for c in frame.columns if c in REPORT_COLUMNS or c.startswith("test_")]
     runs = frame[list(request.columns) if request.columns else default_columns]
-    return Report(runs=runs, groups=groups, run_ids=frame["id"].tolist())
+    return Report(runs=runs, groups=groups, run_ids=frame["id"].tolist(), frame=frame)
+
+
+# ------------------------------------------------------------------------------------------
+# runner report --sweep, --best; runner sweep status / list
+
+
+def sweep_selection(store: Store, ref: str) -> tuple[str, tuple[str, ...]]:
+    """A sweep (id, id prefix or name) as the report selects it: its id and its swept keys."""
+    sweep = store.queue.sweep_row(ref)
+    return sweep["id"], tuple(json.loads(sweep["keys_json"]))
+
+
+def for_sweep(request: ReportRequest, sweep_id: str, keys: Sequence[str], group_by_given: bool) -> ReportRequest:
+    """The request narrowed to a sweep's runs, grouped by its swept keys unless ``--group-by`` said otherwise
+    (by ``name`` for a sweep of seeds only; ``--group-by none`` lists the runs)."""
+    group_by = request.group_by if group_by_given else (tuple(keys) or ("name",))
+    if group_by == ("none",):
+        group_by = ()
+    return replace(request, run_filter=replace(request.run_filter, sweep_id=sweep_id), group_by=group_by)
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best group by mean of a metric, beside the runner-up, and whether the two differ beyond noise."""
+
+    metric: str
+    lowest: bool  # lower is better (``--best -val_loss``)
+    keys: tuple[str, ...]
+    best: dict[str, Any]  # the group's row of the grouped table
+    runner_up: dict[str, Any] | None
+    p_value: float | None  # Welch's t-test of the two groups' values; None when either has fewer than two
+
+    def _describe(self, row: dict[str, Any]) -> str:
+        from runner.sweep_progress import combination_label
+
+        mean, ci = row[f"{self.metric}_mean"], row[f"{self.metric}_ci95"]
+        interval = f" ± {ci:.4g} (95% CI, n={row['n']})" if ci is not None and ci == ci else f" (n={row['n']}, no interval)"
+        return f"{combination_label({k: row[k] for k in self.keys})}: {mean:.4g}{interval}"
+
+    def lines(self) -> list[str]:
+        direction = "lowest" if self.lowest else "highest"
+        lines = [f"best by mean {self.metric} ({direction}): {self._describe(self.best)}"]
+        if self.runner_up is None:
+            return [*lines, "no runner-up: one configuration has the metric"]
+        lines.append(f"runner-up: {self._describe(self.runner_up)}")
+        difference = abs(self.best[f"{self.metric}_mean"] - self.runner_up[f"{self.metric}_mean"])
+        if self.p_value is None:
+            verdict = "too few runs to test it (a configuration has fewer than two)"
+        elif self.p_value >= 0.05:
+            verdict = f"Welch's t-test p = {self.p_value:.3g}: within noise"
+        else:
+            verdict = f"Welch's t-test p = {self.p_value:.3g}: beyond noise (p < 0.05)"
+        return [*lines, f"difference {difference:.4g}; {verdict}"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "lowest": self.lowest, "best": self.best, "runner_up": self.runner_up, "p_value": self.p_value}
+
+
+def best_group(report: Report, keys: Sequence[str], choice: str) -> Best:
+    """``--best METRIC`` (highest mean) or ``--best -METRIC`` (lowest) over the report's groups."""
+    if report.groups is None:
+        raise ReportError("--best compares configurations: give --group-by KEY (a --sweep report groups by its swept keys)")
+    lowest, metric = choice.startswith("-"), choice.lstrip("-")
+    column = f"{metric}_mean"
+    if column not in report.groups.columns:
+        metrics = [c.removesuffix("_mean") for c in report.groups.columns if c.endswith("_mean")]
+        raise ReportError(f"--best {metric}: not a metric of the report; choose from {', '.join(metrics)}")
+    ranked = report.groups.dropna(subset=[column]).sort_values(column, ascending=lowest, kind="stable")
+    if ranked.empty:
+        raise ReportError(f"--best {metric}: no configuration has a value of it (have its runs completed?)")
+    rows = frame_records(ranked.head(2))
+    best, runner_up = rows[0], rows[1] if len(rows) > 1 else None
+    p_value = None
+    if runner_up is not None:
+        samples = [_group_values(report.frame, keys, row, metric) for row in (best, runner_up)]
+        if min(len(values) for values in samples) >= 2:
+            from scipy.stats import ttest_ind
+
+            p_value = float(ttest_ind(*samples, equal_var=False).pvalue)
+    return Best(metric, lowest, tuple(keys), best, runner_up, p_value)
+
+
+def _group_values(frame: Any, keys: Sequence[str], row: dict[str, Any], metric: str) -> list[float]:
+    """The metric's values of the runs in the group ``row`` stands for."""
+    mask = frame.index == frame.index
+    for key in keys:
+        mask &= frame[key].isna() if row[key] is None else frame[key] == row[key]
+    return frame.loc[mask, metric].dropna().astype(float).tolist()
+
+
+def sweep_status(store: Store, ref: str | None = None) -> dict[str, Any]:
+    """``runner sweep status``: the sweep (default: the newest), its counts per status and its runs in order."""
+    from runner.sweep_progress import combination_label, status_counts
+
+    sweep = store.queue.sweep_row(ref) if ref else store.queue.latest_sweep()
+    runs = store.queue.sweep_runs(sweep["id"])
+    return {
+        "id": sweep["id"], "name": sweep["name"], "created_at": _iso(sweep["created_at"]), "spec_hash": sweep["spec_hash"],
+        "keys": json.loads(sweep["keys_json"]), "max_attempts": sweep["max_attempts"], "counts": status_counts(runs),
+        "runs": [{"index": r["sweep_index"], "id": r["id"], "status": r["status"], "seed": r["seed"], "combination": r["combination"],
+                  "label": combination_label(r["combination"], r["seed"]), "attempts": r["attempts"], "epochs_run": r["epochs_run"],
+                  "epochs": r["epochs"], "test_accuracy": r["test_accuracy"], "error": r["error"],
+                  "started_at": _iso(r["started_at"]) if r["attempts"] else None, "ended_at": _iso(r["ended_at"])} for r in runs],
+    }
+
+
+def sweeps_list(store: Store) -> list[dict[str, Any]]:
+    """``runner sweep list``: every sweep, newest first, with its runs counted per status."""
+    return [{"id": s["id"], "name": s["name"], "created_at": _iso(s["created_at"]), "keys": json.loads(s["keys_json"]),
+             "max_attempts": s["max_attempts"], "runs": sum(s["counts"].values()), "counts": s["counts"]}
+            for s in store.queue.sweeps()]
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,7 +432,7 @@ def output_format(fmt: str | None, output: Path | None) -> str:
     return chosen
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         return value.item()
     return str(value)
@@ -335,7 +452,7 @@ def frame_json(frame: Any) -> str:
     records = frame_records(frame)
     if not records:
         return "[]"
-    return "[\n  " + ",\n  ".join(json.dumps(record, default=_json_default) for record in records) + "\n]"
+    return "[\n  " + ",\n  ".join(json.dumps(record, default=json_default) for record in records) + "\n]"
 
 
 def render(report: Report, fmt: str) -> str | bytes:

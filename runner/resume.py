@@ -70,26 +70,35 @@ def with_upstream_weights_here(run_plan: RunPlan, store: Store) -> RunPlan:
     return replace(run_plan, weights=replace(weights, path=str(record["path"])))  # type: ignore[arg-type]
 
 
-def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = True) -> RunOutcome:
-    """Continue the run ``run_id`` (an id or unique prefix) in ``store`` and return how it ended."""
-    row = store.query.run_row(run_id)
-    check_resumable(row)
+def resumed_plan(row: dict[str, Any], registries: Registries, store: Store) -> RunPlan:
+    """The plan a stored run goes on with: the one it was trained with, beating at this process's interval."""
     # the heartbeat of the process that trains now, which may not be the one that started the run
     run_plan = with_upstream_weights_here(replace(stored_plan(row, registries), heartbeat_s=heartbeat_interval()), store)
     if run_plan.spec_hash != row["spec_hash"]:
         raise RunnerError(f"run {row['id']}: its spec no longer resolves to the same experiment (has the data or a plugin changed?)")
+    return run_plan
+
+
+def resumed_columns(state: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's progress columns as of its last checkpoint (nothing when training starts over)."""
+    history = state["history"] if state else []
+    return {"best_epoch": state["early_stopping"]["best_epoch"] if state else None,
+            "best_val_accuracy": max((h["val_accuracy"] for h in history if h["val_accuracy"] is not None), default=None)}
+
+
+def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = True) -> RunOutcome:
+    """Continue the run ``run_id`` (an id or unique prefix) in ``store`` and return how it ended."""
+    row = store.query.run_row(run_id)
+    check_resumable(row)
+    run_plan = resumed_plan(row, registries, store)
     run_dir = store.artifacts_dir(row)
     state = load_last_checkpoint(run_dir)
     parts = setup(run_plan, registries, checkpoint=state, verify_weights=True)
-    history = state["history"] if state else []
     owner = new_owner()
-    store.runs.claim_for_resume(
-        row["id"], int(state["epoch"]) if state else 0, run_plan.heartbeat_s, owner=owner,
-        best_epoch=state["early_stopping"]["best_epoch"] if state else None,
-        best_val_accuracy=max((h["val_accuracy"] for h in history), default=None),
-    )
+    store.runs.claim_for_resume(row["id"], int(state["epoch"]) if state else 0, run_plan.heartbeat_s, owner=owner,
+                                **resumed_columns(state))
     remove_leftovers(run_dir)
     return train_run(store, row["id"], owner, run_plan, parts, run_dir, quiet, resume_from=state)
 
 
-__all__ = ["resume_run", "check_resumable", "load_last_checkpoint", "with_upstream_weights_here"]
+__all__ = ["resume_run", "resumed_plan", "resumed_columns", "check_resumable", "load_last_checkpoint", "remove_leftovers"]

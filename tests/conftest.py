@@ -120,6 +120,17 @@ def copy_store(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """Runs compared bit for bit must use the same number of CPU threads (subprocesses get 1 too)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass
 class TrainedRun:
     db: Path

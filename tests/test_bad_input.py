@@ -209,7 +209,22 @@ CASES = [
     Case("spec-too-large", "a spec file of several megabytes", lambda t: _run(spec(t, BASE + "# padding\n" * 300_000)), "a spec may be at most 1 MiB"),
     Case("duplicate-classes", "a class listed twice in `data.classes`", lambda t: _run(spec(t, BASE.replace("classes: [0, 1, 2]", "classes: [1, 1]"))), "data.classes: class 1 is listed more than once"),
     Case("single-class", "an ImageFolder with a single class", lambda t: _run(folder_spec(t, _one_class_folder(t))), "data: 1 class (cat) selected; a classifier needs at least 2"),
+    Case("sweep-bad-value", "a sweep value that makes one combination invalid (nothing is queued)", lambda t: _run(spec(t, BASE), "--sweep", "data.batch_size=32,0", "--seeds", "2"), "run 3 of 4 (data.batch_size=0 seed=0): data.batch_size: Input should be greater than 0"),
+    Case("sweep-bad-key", "a swept key the spec does not have", lambda t: _run(spec(t, BASE), "--sweep", "training.epoch=1,2"), "run 1 of 2 (training.epoch=1): unknown key 'training.epoch'; did you mean 'training.epochs'?"),
+    Case("sweep-unknown-section-key", "an unknown key in the `sweep:` section", lambda t: _run(spec(t, BASE + "sweep: {gird: {seed: [1, 2]}}\n")), "unknown key 'sweep.gird'; did you mean 'sweep.grid'?"),
+    Case("sweep-key-twice", "a key swept both in the grid and in the variants", lambda t: _run(spec(t, BASE + "sweep:\n  grid: {training.epochs: [1, 2]}\n  variants: [{training.epochs: 3}]\n")), "sweep key 'training.epochs' is in both grid and variants"),
+    Case("sweep-empty-grid", "a grid key without values", lambda t: _run(spec(t, BASE + "sweep: {grid: {training.epochs: []}}\n")), "sweep: grid.training.epochs: give at least one value"),
+    Case("sweep-bad-random", "a random-search distribution that is not one of choice/uniform/loguniform/int", lambda t: _run(spec(t, BASE + "sweep: {random: {n: 2, space: {training.optimizer.lr: {normal: [0, 1]}}}}\n")), "unknown key 'sweep.random.space.training.optimizer.lr.normal'"),
+    Case("seeds-not-integers", "`seeds:` that are not integers", lambda t: _run(spec(t, BASE + "seeds: [0, one]\n")), "seeds: give a number of seeds (3 means 0, 1, 2) or a list of integers, got [0, 'one']"),
+    Case("sweep-flag-without-values", "`--sweep` without `=`", lambda t: _run(spec(t, BASE), "--sweep", "training.epochs"), "--sweep expects KEY=VALUE[,VALUE...]"),
+    Case("jobs-without-sweep", "`-j` for a spec that is not a sweep", lambda t: _run(spec(t, BASE), "-j", "2"), "-j and --devices run the workers of a sweep"),
+    Case("worker-unknown-sweep", "`runner worker --sweep` naming no sweep of the store", lambda t: ["worker", "--db", _new_store(t), "--sweep", "nope"], "no sweep 'nope' (an id, id prefix or name) in "),
 ]
+
+
+def _new_store(tmp: Path) -> Path:
+    Store(tmp / "results.db")
+    return tmp / "results.db"
 
 
 def _mkdir(path: Path) -> Path:

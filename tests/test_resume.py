@@ -28,17 +28,6 @@ EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
-def one_thread() -> Any:
-    """Runs compared bit for bit must use the same number of CPU threads (subprocesses get 1 too)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(one_thread: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The `show` JSON of the spec run once without interruption."""
     from runner.execute import run_experiment

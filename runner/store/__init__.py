@@ -6,7 +6,8 @@
   how an older store becomes one;
 - ``store.runs`` (:mod:`~runner.store.runs`): writing runs; ``store.query``
   (:mod:`~runner.store.queries`): reading them, for ``runs``, ``show``, ``report`` and ``compare``;
-  ``store.manage`` (:mod:`~runner.store.manage`): tags and deleting runs.
+  ``store.manage`` (:mod:`~runner.store.manage`): tags and deleting runs; ``store.queue``
+  (:mod:`~runner.store.queue`): sweeps, their queued runs, claims and requeues.
 """
 
 from runner.store.database import DB_ENV, DEFAULT_DB, Store, resolve_url

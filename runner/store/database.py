@@ -31,6 +31,7 @@ from runner.errors import StoreError
 from runner.store.manage import RunManagement
 from runner.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from runner.store.queries import RunQueries
+from runner.store.queue import RunQueue
 from runner.store.runs import RunWriter
 from runner.store.schema import Base, Meta
 
@@ -112,8 +113,9 @@ class Store:
     """A results store at one database URL; see the module docstring.
 
     ``store.runs`` writes runs (:class:`~runner.store.runs.RunWriter`), ``store.query`` reads them
-    (:class:`~runner.store.queries.RunQueries`) and ``store.manage`` tags and deletes them
-    (:class:`~runner.store.manage.RunManagement`). This package never imports torch.
+    (:class:`~runner.store.queries.RunQueries`), ``store.manage`` tags and deletes them
+    (:class:`~runner.store.manage.RunManagement`) and ``store.queue`` holds sweeps and their queued
+    runs (:class:`~runner.store.queue.RunQueue`). This package never imports torch.
     """
 
     def __init__(self, db: str | os.PathLike[str] | None = None, artifacts: str | os.PathLike[str] | None = None, create: bool = True) -> None:
@@ -143,6 +145,7 @@ class Store:
         self.runs = RunWriter(self)
         self.query = RunQueries(self)
         self.manage = RunManagement(self)
+        self.queue = RunQueue(self)
 
     @property
     def location(self) -> str:
@@ -227,15 +230,20 @@ class Store:
             return int(conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar_one())
 
     # ---- transactions ---------------------------------------------------------------------------
-    def write(self, action: Callable[[Session], T]) -> T:
+    def write(self, action: Callable[[Session], T], exclusive: bool = False) -> T:
         """Run ``action`` in one write transaction (a session), retried while SQLite is locked.
 
-        ``action`` may run more than once: it must do nothing outside the session.
+        ``action`` may run more than once: it must do nothing outside the session. ``exclusive``
+        takes SQLite's write lock at the first statement (BEGIN IMMEDIATE), for transactions that
+        read and then write what they read (a queue claim): no other writer can come in between.
+        Elsewhere such transactions lock the rows they select (``FOR UPDATE``).
         """
         def attempt() -> T:
             writing = _writing.set(True)
             try:
                 with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                    if exclusive and self.is_sqlite:
+                        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
                     return action(session)
             finally:
                 _writing.reset(writing)

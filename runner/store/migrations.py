@@ -249,8 +249,46 @@ def m005_portable_paths_and_missing_values(conn: sa.Connection) -> None:
     _relative_artifact_paths(conn)
 
 
+def m006_sweeps(conn: sa.Connection) -> None:
+    """Version 6: the ``sweeps`` table and the queue columns of ``runs`` (``sweep_id``, ``sweep_index``,
+    ``combination_json``, ``attempts``); runs can now be ``queued``.
+
+    Every run of an older store was started once: its ``attempts`` is 1. The table is spelled out
+    here, not taken from the models, so later model changes cannot change what this migration does.
+    """
+    metadata = sa.MetaData()
+    sweeps = sa.Table(
+        "sweeps", metadata,
+        sa.Column("id", sa.String, primary_key=True),
+        sa.Column("name", sa.String, nullable=False, index=True),
+        sa.Column("spec_hash", sa.String, nullable=False),
+        sa.Column("spec_json", sa.Text, nullable=False),
+        sa.Column("spec_dir", sa.String, nullable=False),
+        sa.Column("keys_json", sa.Text, nullable=False),
+        sa.Column("max_attempts", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.UniqueConstraint("name", "spec_hash", name="uq_sweeps_name_spec_hash"),
+    )
+    sweeps.create(conn)
+
+    def column_type(kind: sa.types.TypeEngine) -> str:
+        return str(kind.compile(dialect=conn.dialect))
+
+    text, integer = column_type(sa.Text()), column_type(sa.Integer())
+    for column in (
+        f"sweep_id {column_type(sa.String())} REFERENCES sweeps (id)",
+        f"sweep_index {integer}",
+        f"combination_json {text}",
+        f"attempts {integer} DEFAULT 0 NOT NULL",
+    ):
+        conn.execute(sa.text(f"ALTER TABLE runs ADD COLUMN {column}"))
+    conn.execute(sa.text("CREATE INDEX ix_runs_sweep_id ON runs (sweep_id)"))
+    conn.execute(sa.text("UPDATE runs SET attempts = 1"))
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [
     m001_initial, m002_lost_after, m003_tags_evaluations, m004_run_owner, m005_portable_paths_and_missing_values,
+    m006_sweeps,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

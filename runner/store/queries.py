@@ -33,6 +33,7 @@ class RunFilter:
     where: tuple[tuple[str, Any], ...] = ()  # (dotted resolved-spec key, value) pairs, all must match
     run_ids: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()  # runs carrying every one of these tags
+    sweep_id: str | None = None  # the runs of one sweep
 
 
 # ------------------------------------------------------------------------------------------
@@ -119,6 +120,8 @@ def run_conditions(run_filter: RunFilter, now: datetime, dialect: str) -> list[A
     conditions.extend(spec_equals(key, value) for key, value in run_filter.where)
     if run_filter.tags:
         conditions.append(has_tags(run_filter.tags))
+    if run_filter.sweep_id is not None:
+        conditions.append(Run.sweep_id == run_filter.sweep_id)
     return conditions
 
 
@@ -227,6 +230,7 @@ class RunQueries:
             sa.select(
                 Run.id, Run.name, status_now(now).label("status"), Run.seed, Run.model, Run.strategy, Run.epochs_run,
                 Run.best_val_accuracy, test_acc.c.test_accuracy, Run.duration_s, Run.started_at, Run.heartbeat_at,
+                Run.sweep_id, Run.attempts,
             )
             .outerjoin(test_acc, test_acc.c.run_id == Run.id)
             .where(*run_conditions(run_filter, now, self._dialect))

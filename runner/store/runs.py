@@ -54,6 +54,16 @@ def check_owner(session: Session, run_id: str, owner: str | None) -> None:
         raise RunTakenOver(run_id, current[0])
 
 
+def forget_after(session: Session, run_id: str, epoch: int) -> None:
+    """Inside a write transaction: delete what a run stored after ``epoch`` (the checkpoint training goes on from).
+
+    Per-epoch rows of later epochs and the end-of-run test metrics go; with ``epoch`` 0 the run starts over.
+    """
+    session.execute(sa.delete(EpochMetric).where(EpochMetric.run_id == run_id, EpochMetric.epoch > epoch))
+    session.execute(sa.delete(Epoch).where(Epoch.run_id == run_id, Epoch.epoch > epoch))
+    session.execute(sa.delete(SplitMetric).where(SplitMetric.run_id == run_id))
+
+
 class RunWriter:
     """The writes of a run's life: created ``running``, epochs logged, finished with a status.
 
@@ -66,7 +76,7 @@ class RunWriter:
     def create(self, run_id: str, heartbeat_s: float | None = None, owner: str | None = None, **fields: Any) -> str:
         """A new ``running`` run owned by ``owner``; with ``heartbeat_s`` it shows as lost unless :meth:`heartbeat` keeps up."""
         now = utcnow()
-        values = {"status": "running", "started_at": now, "heartbeat_at": now, "epochs_run": 0,
+        values = {"status": "running", "started_at": now, "heartbeat_at": now, "epochs_run": 0, "attempts": 1,
                   "lost_after": deadline(now, heartbeat_s) if heartbeat_s else None, "owner": owner,
                   "artifacts_dir": self._store.stored_path(self._store.run_dir(run_id)), **fields}
         self._store.write(lambda s: s.add(Run(id=run_id, **values)))
@@ -105,13 +115,11 @@ class RunWriter:
                 .where(Run.id == run_id, status_now(now).in_(RESUMABLE))
                 .values(status="running", ended_at=None, duration_s=None, error=None, traceback=None, stop_reason=None,
                         confusion_json=None, heartbeat_at=now, lost_after=deadline(now, heartbeat_s), epochs_run=epoch,
-                        owner=owner, **run_fields)
+                        owner=owner, attempts=Run.attempts + 1, **run_fields)
             )
             if claimed.rowcount != 1:
                 raise StoreError(f"run {run_id} cannot be resumed: it is no longer {' or '.join(RESUMABLE)}")
-            session.execute(sa.delete(EpochMetric).where(EpochMetric.run_id == run_id, EpochMetric.epoch > epoch))
-            session.execute(sa.delete(Epoch).where(Epoch.run_id == run_id, Epoch.epoch > epoch))
-            session.execute(sa.delete(SplitMetric).where(SplitMetric.run_id == run_id))
+            forget_after(session, run_id, epoch)
 
         self._store.write(write)
 
@@ -183,4 +191,4 @@ class RunWriter:
         return self._store.write(write)
 
 
-__all__ = ["RunWriter", "new_owner", "check_owner"]
+__all__ = ["RunWriter", "new_owner", "check_owner", "forget_after"]

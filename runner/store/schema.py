@@ -23,6 +23,25 @@ class Meta(Base):
     value: Mapped[str] = mapped_column(sa.String)
 
 
+class Sweep(Base):
+    """Many runs from one spec (``runner run SPEC --sweep …``, ``seeds:``): its runs are queued rows of ``runs``.
+
+    A sweep is found again by its name and hash (the hash of its expanded runs), so running the same
+    sweep command twice continues the first sweep instead of starting another.
+    """
+
+    __tablename__ = "sweeps"
+    __table_args__ = (sa.UniqueConstraint("name", "spec_hash", name="uq_sweeps_name_spec_hash"),)
+    id: Mapped[str] = mapped_column(sa.String, primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String, index=True)
+    spec_hash: Mapped[str] = mapped_column(sa.String)
+    spec_json: Mapped[str] = mapped_column(sa.Text)  # the sweep as given: base spec, sweep section, seeds
+    spec_dir: Mapped[str] = mapped_column(sa.String)  # where the spec's relative paths point
+    keys_json: Mapped[str] = mapped_column(sa.Text)  # the swept spec keys, in order (the report's default --group-by)
+    max_attempts: Mapped[int] = mapped_column(sa.Integer)  # a failed or lost run is started at most this often
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime)
+
+
 class Run(Base):
     __tablename__ = "runs"
     id: Mapped[str] = mapped_column(sa.String, primary_key=True)
@@ -66,6 +85,12 @@ class Run(Base):
     artifacts_dir: Mapped[str | None] = mapped_column(sa.String)  # as Checkpoint.path
     # the process that may write this run's rows ("host:pid:nonce"); every other process is fenced off
     owner: Mapped[str | None] = mapped_column(sa.String)
+    # a run of a sweep: its place in the sweep's expansion and the swept values it has (seed aside)
+    sweep_id: Mapped[str | None] = mapped_column(sa.ForeignKey("sweeps.id"), index=True)
+    sweep_index: Mapped[int | None] = mapped_column(sa.Integer)
+    combination_json: Mapped[str | None] = mapped_column(sa.Text)
+    # how many times a process started training the run (a queued run: 0; resumed or requeued: more)
+    attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
 
 
 class EpochMetric(Base):
@@ -134,4 +159,4 @@ class Evaluation(Base):
     f1_macro: Mapped[float] = mapped_column(sa.Float)
 
 
-__all__ = ["Base", "Meta", "Run", "EpochMetric", "Epoch", "SplitMetric", "Checkpoint", "Tag", "Evaluation"]
+__all__ = ["Base", "Meta", "Sweep", "Run", "EpochMetric", "Epoch", "SplitMetric", "Checkpoint", "Tag", "Evaluation"]

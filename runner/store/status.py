@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from runner.store.schema import Run
 
-STATUSES = ("running", "completed", "failed", "interrupted", "lost")
+STATUSES = ("running", "completed", "failed", "interrupted", "lost", "queued")  # queued: a sweep's run, not started yet
 RESUMABLE = ("interrupted", "failed", "lost")
 LOST_AFTER_BEATS = 2  # heartbeats a running run may miss before it is shown as lost
 
