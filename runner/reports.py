@@ -183,6 +183,7 @@ class Report:
     runs: Any  # DataFrame, one row per run, the requested columns
     groups: Any | None  # DataFrame, one row per group (with --group-by), else None
     run_ids: list[str]  # in report order, whichever columns were asked for
+    columns_chosen: bool = False  # --columns gave the columns and their order
 
     @property
     def table(self) -> Any:
@@ -290,7 +291,7 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         frame = sort_frame(frame, request.sort)
     default_columns = [c for c in frame.columns if c in REPORT_COLUMNS or c.startswith("test_")]
     runs = frame[list(request.columns) if request.columns else default_columns]
-    return Report(runs=runs, groups=groups, run_ids=frame["id"].tolist())
+    return Report(runs=runs, groups=groups, run_ids=frame["id"].tolist(), columns_chosen=bool(request.columns))
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,8 +352,8 @@ def render(report: Report, fmt: str) -> str | bytes:
         return frame_json(table)
     if fmt == "csv":
         return table.to_csv(index=False)
-    if fmt == "markdown":
-        return table.to_markdown(index=False)
+    if fmt == "markdown":  # missing values blank, as in the table and csv (not "nan": std of a one-run group)
+        return table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="")
     if fmt == "latex":
         return table.to_latex(index=False, escape=True, na_rep="")
     return text_table(table)

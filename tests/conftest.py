@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
+import sys
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +23,9 @@ TINY_SPEC = SPECS / "tiny.yaml"
 @functools.lru_cache(maxsize=1)
 def builtin_registries() -> Any:
     """The built-in plugins only, loaded once: tests must not depend on which other plugins are installed."""
-    from runner.registries import load_registries
+    from runner.testing import plugin_registries
 
-    previous = os.environ.get("RUNNER_DISABLE_PLUGINS")
-    os.environ["RUNNER_DISABLE_PLUGINS"] = "1"
-    try:
-        return load_registries()
-    finally:
-        if previous is None:
-            os.environ.pop("RUNNER_DISABLE_PLUGINS", None)
-        else:
-            os.environ["RUNNER_DISABLE_PLUGINS"] = previous
+    return plugin_registries()
 
 
 def plan_and_build(spec: Any, registries: Any = None, **plan_options: Any) -> tuple[Any, Any]:
@@ -55,12 +50,52 @@ class CliResult:
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test may touch results.db in the repository or a user's TORCH_HOME."""
+    """No test may touch results.db in the repository or a user's TORCH_HOME, nor see installed plugins.
+
+    ``RUNNER_LOAD_PLUGINS`` set to nothing loads no third-party plugin, in this process and in the
+    ``runner`` subprocesses tests start: the suite passes whichever plugins are installed. A test
+    that needs a plugin names it there (see ``install`` in test_plugins_loading.py).
+    """
     monkeypatch.delenv("RUNNER_DB", raising=False)
     monkeypatch.delenv("RUNNER_DISABLE_PLUGINS", raising=False)
     monkeypatch.delenv("RUNNER_BLOCK_PLUGINS", raising=False)
+    monkeypatch.setenv("RUNNER_LOAD_PLUGINS", "")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.chdir(tmp_path)
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
+    """``install(entry_point, source, dist=…, version=…)``: a plugin distribution visible to entry points.
+
+    The plugin is real as far as ``importlib.metadata`` can tell: a module and a ``.dist-info``
+    directory with an ``entry_points.txt``, in a folder put on ``sys.path``.
+    """
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    created: list[str] = []
+    loaded: list[str] = []
+
+    def install_plugin(entry_point: str, source: str, dist: str | None = None, version: str = "1.0.0") -> str:
+        module = f"fake_runner_plugin_{next(_counter)}"
+        dist = dist or f"runner-{entry_point.replace('_', '-')}"
+        loaded.append(entry_point)  # the suite loads only the plugins a test installs (RUNNER_LOAD_PLUGINS)
+        monkeypatch.setenv("RUNNER_LOAD_PLUGINS", ",".join(loaded))
+        (site / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n", encoding="utf-8")
+        (info / "entry_points.txt").write_text(f"[runner]\n{entry_point} = {module}\n", encoding="utf-8")
+        created.append(module)
+        return module
+
+    yield install_plugin
+    for module in created:
+        sys.modules.pop(module, None)
 
 
 @pytest.fixture
