@@ -177,7 +177,7 @@ def _plugins_text(plugins: list[dict[str, Any]]) -> str:
     for p in plugins:
         label = f"{p['distribution']} {p['version']}" if p.get("distribution") else "no distribution"
         by_distribution.setdefault(label, []).append(p["plugin"])
-    return ", ".join(f"{label} ({', '.join(names)})" for label, names in by_distribution.items()) or "-"
+    return ", ".join(f"{label} ({', '.join(names)})" for label, names in sorted(by_distribution.items())) or "-"
 
 
 def _params_lines(details: dict[str, Any]) -> list[str]:

@@ -338,6 +338,20 @@ class CliResult:
         return json.loads(self.out)
 
 
+def invoke(*args: Any) -> CliResult:
+    """``runner ARGS…`` run in this process (torch is imported once, not per command), its output captured."""
+    from runner.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
 class Sandbox:
     """A test's own results store, ``TORCH_HOME`` and working directory, with only the plugins it names.
 
@@ -362,16 +376,7 @@ class Sandbox:
 
     def cli(self, *args: Any) -> CliResult:
         """``runner ARGS…`` run in-process (against this sandbox's store unless ``--db`` says otherwise)."""
-        from runner.cli import main
-
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main([str(a) for a in args])
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return CliResult(code, out.getvalue(), err.getvalue())
+        return invoke(*args)
 
     @property
     def store(self) -> Any:
@@ -388,6 +393,6 @@ def runner_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
 
 __all__ = [
     "plugin_registries", "names", "check_plugin_loads", "check_model", "check_named_weights", "check_dataset",
-    "check_dataset_refuses", "check_transform", "check_strategy", "reference_model", "Sandbox", "CliResult",
+    "check_dataset_refuses", "check_transform", "check_strategy", "reference_model", "Sandbox", "CliResult", "invoke",
     "runner_sandbox",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 import sys
 import textwrap
@@ -36,16 +35,6 @@ def plan_and_build(spec: Any, registries: Any = None, **plan_options: Any) -> tu
     registries = registries or builtin_registries()
     run_plan = plan(spec, registries, **plan_options)
     return run_plan, setup(run_plan, registries)
-
-
-@dataclass
-class CliResult:
-    exit_code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
 
 
 @pytest.fixture(autouse=True)
@@ -99,19 +88,9 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callabl
 
 
 @pytest.fixture
-def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
-    """Run ``runner ARGS…`` in-process (torch is imported once per session, not per call)."""
-    from runner.cli import main
-
-    def invoke(*args: Any) -> CliResult:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
+def run_cli() -> Callable[..., Any]:
+    """Run ``runner ARGS…`` in-process (torch is imported once per session, not per call): a ``CliResult``."""
+    from runner.testing import invoke
 
     return invoke
 
@@ -165,3 +144,44 @@ def trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     with torch_home_at(directory):
         outcome = run_experiment(TINY_SPEC, store=Store(directory / "results.db"), registries=builtin_registries())
     return TrainedRun(directory / "results.db", outcome.run_id)
+
+
+# ------------------------------------------------------------------------------------------
+# fresh virtual environments for installed-package tests (test_plugin_package.py, test_plugin_docs.py)
+
+
+def clean_env(torch_home: Path, load_plugins: str) -> dict[str, str]:
+    """This environment without runner's settings, with its own TORCH_HOME and only ``load_plugins`` loading."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNER_", "PYTHONHOME", "VIRTUAL_ENV"))}
+    env["RUNNER_LOAD_PLUGINS"] = load_plugins
+    env["TORCH_HOME"] = str(torch_home)
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def make_venv(venv: Path, env: dict[str, str]) -> None:
+    """A fresh venv that sees this environment's packages (torch, pip, setuptools) after its own.
+
+    A ``.pth`` file adds this interpreter's site-packages, which is what ``--system-site-packages``
+    would do if torch lived in the base interpreter rather than in a virtual environment.
+    """
+    import importlib.util
+    import site
+    import subprocess
+
+    has_pip = importlib.util.find_spec("pip") is not None
+    subprocess.run([sys.executable, "-m", "venv", *(["--without-pip"] if has_pip else []), str(venv)], check=True, env=env)
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True, env=env).stdout.strip()
+    parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    lines = [f"import site; site.addsitedir({p!r})" for p in parents]
+    Path(purelib, "_test_parent_environment.pth").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def pip_install_offline(venv: Path, env: dict[str, str], *args: str, cwd: Path) -> None:
+    """``pip install`` into ``venv`` with nothing fetched: no dependencies, no build isolation, no index."""
+    import subprocess
+
+    command = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    assert result.returncode == 0, result.stderr
