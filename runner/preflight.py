@@ -9,6 +9,7 @@ failure names the spec key (and, for plugin code, the name and its plugin).
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -91,12 +92,19 @@ def check_forward(model: nn.Module, spec: Spec, registries: Registries, input_sh
 
 
 def check_loss(spec: Spec, num_classes: int) -> None:
-    """The loss, built as training builds it, takes a batch of logits and labels (class weights of the right length…)."""
-    logits, labels = torch.zeros(2, num_classes), torch.zeros(2, dtype=torch.long)
-    try:
-        build_loss(spec, torch.device("cpu"))(logits, labels)
-    except Exception as exc:
-        raise SpecError(f"training.loss ({spec.training.loss.name}): {one_line(exc)}") from None
-
+    """The loss, built as training builds it, takes a batch of logits with class labels (class weights of the right
+    length, options in range…) or, as a strategy such as MixUp may give them, class probabilities."""
+    logits = torch.zeros(2, num_classes)
+    targets = (torch.zeros(2, dtype=torch.long), torch.full((2, num_classes), 1.0 / num_classes))
+    failures = []
+    for target in targets:
+        try:
+            with warnings.catch_warnings():  # e.g. MSELoss on broadcast shapes: training would say so, validate need not
+                warnings.simplefilter("ignore")
+                build_loss(spec, torch.device("cpu"))(logits, target)
+            return
+        except Exception as exc:
+            failures.append(exc)
+    raise SpecError(f"training.loss ({spec.training.loss.name}): {one_line(failures[0])}") from None
 
 __all__ = ["training_image", "check_train_transforms", "check_whole_split_transforms", "check_forward", "check_loss"]

@@ -61,7 +61,8 @@ def plugin_registries(*plugins: str, allow_problems: bool = False) -> Registries
     registries = load_registries(plugins=plugins)
     missing = [p for p in plugins if p not in registries.plugins and not any(p == i.distribution for i in registries.plugins.values())]
     assert allow_problems or not registries.problems, "plugin problems: " + "; ".join(map(str, registries.problems))
-    assert not missing, f"not installed (no entry point in group 'runner'): {', '.join(missing)}"
+    skipped = {p: why for p, why in registries.skipped.items() if p in missing}
+    assert not missing, f"not loaded: {skipped}" if skipped else f"not installed (no entry point in group 'runner'): {', '.join(missing)}"
     return registries
 
 
