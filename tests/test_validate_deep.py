@@ -248,3 +248,11 @@ def test_validating_vgg16_with_imagenet_weights_opens_nothing_under_torch_home_a
     assert report["opened"] == []
     # VGG16's 138 million parameters are 528 MiB as float32: built for real, the process would grow by that
     assert report["grew_kib"] < 100 * 1024, report
+
+
+def test_a_loss_for_probability_targets_passes_validate(run_cli: Any, tmp_path: Path) -> None:
+    # MixUp-style strategies give class probabilities, which BCEWithLogitsLoss takes and class labels it does not
+    from conftest import TINY_SPEC
+
+    result = run_cli("validate", TINY_SPEC, "--set", "training.loss.name=BCEWithLogitsLoss")
+    assert (result.exit_code, result.err) == (0, ""), result.err
