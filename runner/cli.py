@@ -228,8 +228,9 @@ def show(run_id: str, db: str | None, fmt: str) -> None:
                 "stop_reason", "best_epoch", "best_val_accuracy", "spec_hash", "git_commit"):
         line(key, details[key])
     line("weights", details["weights"])
-    line("params", f"{details['params']['total']:,} total, {details['params']['trainable']:,} trainable"
-         if details["params"]["total"] is not None else "-")
+    line("plugins", _plugins_text(details["plugins"]))
+    for params_line in _params_lines(details):
+        click.echo(_printable(params_line))
     line("test", details["test"])
     if details["error"]:
         line("error", details["error"])
@@ -241,6 +242,31 @@ def show(run_id: str, db: str | None, fmt: str) -> None:
         rows = [{**e, "overrides": " ".join(e["overrides"]) or "-"} for e in details["evaluations"]]
         click.echo("\nevaluations\n" + _table(rows, ["id", "created_at", "split", "checkpoint", "dataset", "overrides",
                                                                       "samples", "loss", "accuracy", "f1_macro"]))
+
+
+def _plugins_text(plugins: list[dict[str, Any]]) -> str:
+    """``runner-dl 0.1.0 (runner.plugins.models, …), runner-hello 0.1.0 (hello)``: what built the run."""
+    by_distribution: dict[str, list[str]] = {}
+    for p in plugins:
+        label = f"{p['distribution']} {p['version']}" if p.get("distribution") else "no distribution"
+        by_distribution.setdefault(label, []).append(p["plugin"])
+    return ", ".join(f"{label} ({', '.join(names)})" for label, names in sorted(by_distribution.items())) or "-"
+
+
+def _params_lines(details: dict[str, Any]) -> list[str]:
+    """Total parameters, and the trainable ones of every stage of the strategy (one line per stage)."""
+    params = details["params"]
+    if params["total"] is None:
+        return [f"{'params':18} -"]
+    stages = (details["settings"].get("model") or {}).get("stages") or []
+    if len(stages) < 2:
+        return [f"{'params':18} {params['total']:,} total, {params['trainable']:,} trainable"]
+    lines = [f"{'params':18} {params['total']:,} total; trainable by stage:"]
+    for stage in stages:
+        epochs = f"epochs {stage['first_epoch']}-{stage['last_epoch']}"
+        lr = f", backbone lr x{stage['backbone_lr_mult']:g}" if stage["backbone_lr_mult"] != 1 else ""
+        lines.append(f"  {epochs:16} {stage['params_trainable']:,} trainable ({json.dumps(stage['trainable'])}{lr})")
+    return lines
 
 
 @cli.command()
@@ -350,13 +376,23 @@ def plugins(fmt: str, kind: str | None, plugin_name: str | None) -> None:
 @cli.command()
 @click.argument("pattern", required=False)
 def models(pattern: str | None) -> None:
-    """Model names (optionally an fnmatch PATTERN) with their source plugin."""
+    """Model names (optionally an fnmatch PATTERN) with their source plugin and the named weights they offer."""
     registry = _load_registries().models
     if pattern is not None and not any(c in pattern for c in "*?["):
         pattern = f"*{pattern}*"
     # "vgg1*" matches "torchvision:vgg16": a pattern may leave out the source prefix
     names = [n for n in registry.list() if pattern is None or fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.split(":", 1)[-1], pattern)]
-    click.echo(_table([{"name": n, "plugin": registry.entry(n).plugin} for n in names], ["name", "plugin"]))
+    rows = [{"name": n, "plugin": registry.entry(n).plugin, "weights": ", ".join(_weights_names(registry.entry(n)))} for n in names]
+    click.echo(_table(rows, ["name", "plugin", "weights"]))
+
+
+def _weights_names(entry: Any) -> list[str]:
+    """The named weights a model builder offers (``model.weights: NAME``); none for most."""
+    listed = getattr(entry.obj, "weights_names", None)
+    if listed is None:
+        return []
+    with entry.blamed("weights_names"):
+        return list(listed())
 
 
 @cli.command()

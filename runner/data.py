@@ -102,15 +102,16 @@ class LoadedData:
 def load_data(spec: Spec, registries: Registries, base_dir: str) -> LoadedData:
     """Call the spec's dataset builder and select ``data.classes``."""
     try:
-        builder = registries.datasets.get(spec.data.dataset)
+        entry = registries.datasets.entry(spec.data.dataset)
     except RunnerError as exc:
         raise SpecError(f"data.dataset: {exc}") from None
-    dataset = builder(DatasetRequest(name=spec.data.dataset, options=dict(spec.data.options), base_dir=base_dir,
-                                     on_corrupt=spec.data.on_corrupt))
-    if len(dataset) == 0:
-        raise SpecError(f"data.dataset: {spec.data.dataset} is empty")
-    targets = dataset_targets(dataset)
-    names = dataset_classes(dataset, targets)
+    with entry.blamed("data", spec.data.dataset):  # the dataset's own code: its builder, len, targets and classes
+        dataset = entry.obj(DatasetRequest(name=spec.data.dataset, options=dict(spec.data.options), base_dir=base_dir,
+                                           on_corrupt=spec.data.on_corrupt))
+        if len(dataset) == 0:
+            raise SpecError(f"data.dataset: {spec.data.dataset} is empty")
+        targets = dataset_targets(dataset)
+        names = dataset_classes(dataset, targets)
     present = sorted(set(int(t) for t in targets))
     wanted = spec.data.classes if spec.data.classes is not None else present
     missing = [c for c in wanted if c not in present]

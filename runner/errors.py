@@ -28,6 +28,16 @@ class DuplicateNameError(RunnerError):
     """Two plugins registered the same name."""
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (pluggy's validation errors span several), at most ``limit`` chars."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class PluginError(RunnerError):
+    """Plugin code (a builder, a transform) raised; the message names the spec key, the name and the plugin."""
+
+
 class CorruptImageError(RunnerError):
     """An image file of the dataset cannot be read; the message names the file."""
 

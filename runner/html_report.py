@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import jinja2
 from markupsafe import Markup
 
-from runner.reports import Best, Report, blank_missing, plot_data
+from runner.reports import Best, Report, plot_data
 from runner.store import Store, utcnow
 
 TEMPLATE = """<!DOCTYPE html>
@@ -25,8 +25,12 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
 h1 { margin-bottom: 0.2em; }
 p.meta { color: #555; margin-top: 0; }
 table.report { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
-table.report th, table.report td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
-table.report th { background: #eef2f7; }
+table.report th, table.report td { border: 1px solid #ccc; padding: 0.25em 0.6em; white-space: nowrap; }
+table.report th { background: #eef2f7; text-align: left; }
+table.report .num { text-align: right; font-variant-numeric: tabular-nums; }
+table.report th.num { text-align: right; }
+table.report td.text { text-align: left; }
+table.report td[title] { cursor: help; }
 table.report tr:nth-child(even) td { background: #fafafa; }
 div.scroll { overflow-x: auto; }
 figure { margin: 1em 0 2em; }
@@ -70,10 +74,61 @@ figcaption { font-weight: 600; margin-bottom: 0.4em; }
 """
 
 
-def _table_html(frame: Any) -> str:
-    # pandas escapes cell text; float_format keeps the table readable without losing the ranking
-    table = blank_missing(frame).to_html(index=False, na_rep="", border=0, classes="report", float_format=lambda v: f"{v:.4f}")
-    return f'<div class="scroll">{table}</div>'
+TABLE = """<div class="scroll"><table class="report">
+<thead><tr>{% for column in columns %}<th class="{{ column.kind }}">{{ column.name }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for row in rows %}<tr>{% for cell in row %}<td class="{{ cell.kind }}"{% if cell.full %} title="{{ cell.full }}"{% endif %}>{{ cell.text }}</td>{% endfor %}</tr>
+{% endfor %}</tbody>
+</table></div>"""
+
+IDENTIFYING = ("id", "name", "status")
+# what people open a report for: right after the identifying columns, so no scrolling hides them
+HEADLINE_METRICS = ("test_accuracy", "best_val_accuracy", "test_f1_macro", "test_loss")
+LAST = ("stop_reason", "weights_source", "started_at")  # long text that identifies nothing: at the end
+LONG_TEXT = 28  # characters of a text cell shown; the whole text is its tooltip
+NEVER_SHORTENED = ("id", "name")
+
+
+def html_column_order(columns: list[str], first: tuple[str, ...] = ()) -> list[str]:
+    """``first`` (group keys), the identifying columns, the headline metrics (and their group statistics), the rest,
+    and long text last."""
+    metrics = [*HEADLINE_METRICS, *sorted(c for c in columns if c.startswith("test_") and c.split("_")[-1] not in ("mean", "std", "ci95")
+                                           and c not in HEADLINE_METRICS)]
+    ordered = list(dict.fromkeys(c for c in (*first, *IDENTIFYING, "n") if c in columns))
+    for metric in metrics:
+        ordered += [c for c in columns if c not in ordered and (c == metric or c in (f"{metric}_mean", f"{metric}_std", f"{metric}_ci95"))]
+    rest = [c for c in columns if c not in ordered]
+    return [*ordered, *(c for c in rest if c not in LAST), *(c for c in rest if c in LAST)]
+
+
+def _cells(frame: Any, column: str) -> tuple[str, list[dict[str, str]]]:
+    """A column's kind (``num`` or ``text``) and its cells: numbers to 4 decimals, long text shortened, missing blank."""
+    import pandas as pd
+
+    values = frame[column]
+    numeric = values.dtype.kind in "fiu" or str(values.dtype) == "Int64"
+    cells = []
+    for value in values.tolist():
+        if pd.isna(value):
+            cells.append({"text": "", "kind": "num" if numeric else "text", "full": ""})
+        elif numeric:
+            cells.append({"text": f"{value:.4f}" if isinstance(value, float) else str(value), "kind": "num", "full": ""})
+        else:
+            text = str(value)
+            short = len(text) > LONG_TEXT and column not in NEVER_SHORTENED
+            cells.append({"text": text[: LONG_TEXT - 1] + "…" if short else text, "kind": "text", "full": text if short else ""})
+    return ("num" if numeric else "text"), cells
+
+
+def _table_html(frame: Any, reorder: bool = True, first: tuple[str, ...] = ()) -> str:
+    """The table with text left and numbers right, long text shortened (whole on hover); jinja escapes every cell."""
+    columns = html_column_order(list(frame.columns), first) if reorder else list(frame.columns)
+    kinds, cells = {}, {}
+    for column in columns:
+        kinds[column], cells[column] = _cells(frame, column)
+    rows = [[cells[c][i] for c in columns] for i in range(len(frame))]
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return environment.from_string(TABLE).render(columns=[{"name": c, "kind": kinds[c]} for c in columns], rows=rows)
 
 
 def _png_base64(figure: Any) -> str:
@@ -110,8 +165,9 @@ def render_html(report: Report, store: Store | None, title: str = "runner report
         generated=utcnow().isoformat(timespec="seconds"),
         source=store.location if store is not None else "a results store",
         run_count=len(report.run_ids),
-        groups_html=Markup(_table_html(report.groups)) if report.groups is not None else None,
-        runs_html=Markup(_table_html(report.runs)),
+        groups_html=Markup(_table_html(report.groups, not report.columns_chosen, first=_group_keys(report.groups)))
+        if report.groups is not None else None,
+        runs_html=Markup(_table_html(report.runs, not report.columns_chosen)),
         overlay=overlay,
         sweep_figure=sweep_png,
         sweep_metric=sweep_metric,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from runner import rng
-from runner.errors import RunnerError, SpecError
+from runner.errors import PluginError, SpecError
 from runner.interfaces import ModelRequest
 from runner.layers import build_layer
 from runner.spec import Spec
@@ -43,28 +43,33 @@ def build_model(
         name=spec.model.name, num_classes=int(spec.model.num_classes or 0), input_shape=input_shape,
         options=dict(spec.model.options), weights=weights_name, trust_repo=spec.model.trust_repo,
     )
-    builder = registries.models.get(spec.model.name)
+    entry = registries.models.entry(spec.model.name)
     if not on_meta:
-        return _assemble(builder, request, spec)
+        return _assemble(entry, request, spec)
     try:
         with torch.device("meta"):
-            return _assemble(builder, request, spec)
-    except (NotImplementedError, RuntimeError) as exc:
-        if "meta" not in str(exc).lower():
+            return _assemble(entry, request, spec)
+    except (NotImplementedError, RuntimeError, PluginError) as exc:
+        if not _meta_unsupported(exc):
             raise
     with rng.preserved():
-        return _assemble(builder, request, spec)
+        return _assemble(entry, request, spec)
 
 
-def _assemble(builder: Any, request: ModelRequest, spec: Spec) -> tuple[nn.Module, list[str]]:
-    try:
-        model = builder(request)
-    except RunnerError:
-        raise
-    except TypeError as exc:
-        raise SpecError(f"model.options: {spec.model.name}: {exc}") from None
+def _meta_unsupported(exc: BaseException) -> bool:
+    """Whether building failed only because the builder needs real tensors (the meta device has no data)."""
+    cause = exc.__cause__ if isinstance(exc, PluginError) else exc
+    return isinstance(cause, (NotImplementedError, RuntimeError)) and "meta" in str(cause).lower()
+
+
+def _assemble(entry: Any, request: ModelRequest, spec: Spec) -> tuple[nn.Module, list[str]]:
+    with entry.blamed("model", spec.model.name):
+        try:
+            model = entry.obj(request)
+        except TypeError as exc:
+            raise SpecError(f"model.options: {spec.model.name}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise SpecError(f"model.name: {spec.model.name} did not build a torch.nn.Module")
+        raise SpecError(f"model.name: {entry.label(spec.model.name)} did not build a torch.nn.Module")
     heads = head_names(model)
     apply_surgery(model, spec.model.surgery, int(spec.model.num_classes or 0))
     return model, sorted(set(heads) | set(spec.model.surgery))
@@ -86,7 +91,12 @@ def final_layer_name(model: nn.Module) -> str:
 
 
 def head_names(model: nn.Module) -> list[str]:
-    """Top-level children that make up the classification head."""
+    """Top-level children that make up the classification head (``["classifier"]`` for VGG, ``["fc"]`` for ResNet).
+
+    The rule: the final classification layer is the last ``Linear`` in module order (the last
+    ``Conv2d`` without one) and the head is the top-level child holding it. What ``Stage(trainable="head")``
+    trains and what a ``{last: N}`` stage adds blocks to.
+    """
     return [final_layer_name(model).split(".")[0]]
 
 
@@ -194,7 +204,8 @@ def select_trainable(model: nn.Module, trainable: Any) -> set[str]:
         blocks = [n for n, m in model.named_children() if n not in heads and any(True for _ in m.parameters())]
         patterns = heads + blocks[len(blocks) - int(trainable["last"]):] if int(trainable["last"]) > 0 else heads
     elif isinstance(trainable, (list, tuple)):
-        patterns = [str(p) for p in trainable]
+        # "head" in a list stands for the model's head, beside name patterns: ["head", "layer4.*"]
+        patterns = [q for p in trainable for q in (heads if p == "head" else [str(p)])]
     else:
         raise SpecError(f"trainable must be 'all', 'head', a list of name patterns or {{last: N}}, got {trainable!r}")
     selected = {n for n in names if any(_matches(n, p) for p in patterns)}

@@ -27,11 +27,13 @@ from runner import data as data_mod
 from runner import feature_cache, performance, rng
 from runner.errors import RunnerError, SpecError
 from runner.files import sha256_file
-from runner.interfaces import NamedWeights, Strategy
+from runner.interfaces import NamedWeights, Stage, Strategy
 from runner.lifecycle import heartbeat_interval
 from runner.models import build_model, count_parameters, freeze, head_names, input_channels, select_trainable
 from runner.optim import check_arguments, check_training_names
 from runner.performance import Performance
+from runner.preflight import check_forward, check_loss, check_optimizer, check_train_transforms, check_whole_split_transforms, training_image
+from runner.registry import blamed
 from runner.spec import Spec, load_spec
 from runner.transforms import build_transform, is_random, transform_builder, transform_sample, without_random
 
@@ -233,7 +235,7 @@ def _plan(spec: Spec, registries: Registries, base_dir: str, upstream: UpstreamW
     data = data if data is not None else data_mod.load_data(spec, registries, base_dir)
     set_num_classes(spec, len(data.class_names))
     split = data_mod.split_indices(data, spec)
-    raw_image = data.dataset[int(split.train[0])][0]
+    raw_image = training_image(spec, registries, data, split)
 
     eval_steps = list(spec.transforms.eval or [])
     sample = transform_sample(build_transform(registries, eval_steps, "transforms.eval"), raw_image, "transforms.eval")
@@ -252,14 +254,16 @@ def _plan(spec: Spec, registries: Registries, base_dir: str, upstream: UpstreamW
     input_shape = (3, *data_shape[1:]) if expand else data_shape
     if not expand and wants is not None and wants != data_shape[0]:
         raise SpecError(f"the model expects {wants}-channel images but the data has {data_shape[0]} channels")
-    if expand:  # the training transforms must work with the expansion too
-        build_transform(registries, list(spec.transforms.train), "transforms.train", expand_rgb=True)
-    else:
-        build_transform(registries, list(spec.transforms.train), "transforms.train")
+    train_shape = check_train_transforms(spec, registries, raw_image, expand, input_shape)
+    check_whole_split_transforms(spec, registries, data, split, expand)
+    check_forward(model, spec, registries, [input_shape, train_shape])
+    check_loss(spec, len(data.class_names))
 
     strategy = build_strategy(spec, registries)
     stages = plan_stages(model, strategy, spec.training.epochs)
-    freeze(model, select_trainable(model, strategy.stage(1).trainable))
+    first_stage = strategy.stage(1)
+    freeze(model, select_trainable(model, first_stage.trainable))
+    check_optimizer(spec, model, first_stage)
     total, trainable = count_parameters(model)
     train_random = is_random(registries, spec.transforms.train)
     speed = performance.resolve(spec, device, model)
@@ -359,22 +363,24 @@ def set_num_classes(spec: Spec, num_classes: int) -> None:
 
 
 def build_strategy(spec: Spec, registries: Registries) -> Strategy:
-    builder = registries.strategies.get(spec.training.strategy.name)
-    try:
-        strategy = builder(**spec.training.strategy.options)
-    except TypeError as exc:
-        raise SpecError(f"training.strategy: {exc}") from None
+    entry = registries.strategies.entry(spec.training.strategy.name)
+    with entry.blamed("training.strategy", spec.training.strategy.name):
+        try:
+            strategy = entry.obj(**spec.training.strategy.options)
+        except TypeError as exc:
+            raise SpecError(f"training.strategy: {exc}") from None
     if not isinstance(strategy, Strategy):
-        raise SpecError(f"training.strategy: {spec.training.strategy.name} did not return a Strategy")
+        raise SpecError(f"training.strategy: {entry.label(spec.training.strategy.name)} did not return a Strategy")
     return strategy
 
 
 def plan_stages(model: nn.Module, strategy: Strategy, epochs: int) -> tuple[StagePlan, ...]:
     """The strategy's stages over the run's epochs, each checked against the model's parameter names."""
     stages: list[StagePlan] = []
-    first, current = 1, strategy.stage(1)
+    stage = _checked_stage(strategy)
+    first, current = 1, stage(1)
     for epoch in range(2, epochs + 2):
-        following = strategy.stage(epoch) if epoch <= epochs else None
+        following = stage(epoch) if epoch <= epochs else None
         if following != current:
             try:
                 selected = select_trainable(model, current.trainable)
@@ -384,6 +390,18 @@ def plan_stages(model: nn.Module, strategy: Strategy, epochs: int) -> tuple[Stag
             stages.append(StagePlan(first, epoch - 1, current.trainable, float(current.backbone_lr_mult), count))
             first, current = epoch, following  # type: ignore[assignment]
     return tuple(stages)
+
+
+def _checked_stage(strategy: Strategy) -> Any:
+    """``strategy.stage``, its failures and wrong answers named by epoch."""
+    def stage(epoch: int) -> Stage:
+        with blamed(f"training.strategy ({strategy.name}, epoch {epoch})"):
+            answer = strategy.stage(epoch)
+        if not isinstance(answer, Stage):
+            raise SpecError(f"training.strategy ({strategy.name}): stage({epoch}) returned {type(answer).__name__}, not a Stage")
+        return answer
+
+    return stage
 
 
 def feature_cache_decision(spec: Spec, registries: Registries, model: nn.Module, strategy: Strategy, train_random: bool,
@@ -410,11 +428,18 @@ def describe_batches(in_memory: bool, on_device: bool, pinned: bool, workers: in
 
 def named_weights(spec: Spec, registries: Registries, name: str) -> NamedWeights:
     """What the model's builder offers under ``name`` (``IMAGENET1K_V1``, ``DEFAULT``)."""
-    builder = registries.models.get(spec.model.name)
-    resolve = getattr(builder, "named_weights", None)
+    try:
+        entry = registries.models.entry(spec.model.name)
+    except RunnerError as exc:
+        raise SpecError(f"model.name: {exc}") from None
+    resolve = getattr(entry.obj, "named_weights", None)
     if resolve is None:
         raise SpecError(f"model.weights: {spec.model.name} offers no named weights ({name!r}); use {{file: …}} or {{run: …}}")
-    return resolve(name)
+    with entry.blamed("model.weights", spec.model.name):
+        weights = resolve(name)
+    if not isinstance(weights, NamedWeights):
+        raise SpecError(f"model.weights: {entry.label(spec.model.name)} resolved {name!r} to a {type(weights).__name__}, not NamedWeights")
+    return weights
 
 
 def weights_plan(spec: Spec, base_dir: str, named: NamedWeights | None, upstream: UpstreamWeights | None,

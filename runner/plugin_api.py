@@ -12,8 +12,8 @@ A plugin is a module (or object) with functions marked :data:`hookimpl` whose na
 Everything listed in ``__all__`` is stable across minor versions of ``runner``; the rest of the
 ``runner`` package is private and may change without notice. See ``docs/plugins.md``.
 
-Importing this module does not import torch: :class:`InMemoryImages` (which needs it) is loaded on
-first use.
+Importing this module does not import torch: :class:`InMemoryImages` and :func:`head_names` (which
+need it) are loaded on first use.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from runner.interfaces import (
     LabelledImages,
     ModelBuilder,
     ModelRequest,
+    NamedWeights,
     RegisterDataset,
     RegisterModel,
     RegisterStrategy,
@@ -42,6 +43,7 @@ from runner.interfaces import (
 
 if TYPE_CHECKING:
     from runner.data import InMemoryImages
+    from runner.models import head_names
 
 __all__ = [
     # marking hook implementations
@@ -57,6 +59,7 @@ __all__ = [
     "StrategyBuilder",
     # what builders receive and return
     "ModelRequest",
+    "NamedWeights",
     "DatasetRequest",
     "LabelledImages",
     "InMemoryImages",
@@ -65,6 +68,7 @@ __all__ = [
     "Stage",
     "TrainableSpec",
     "TrainingContext",
+    "head_names",
     # errors a builder raises for bad options or missing data (one line to the user, exit code 2)
     "RunnerError",
     "SpecError",
@@ -72,11 +76,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # InMemoryImages subclasses torch's Dataset; loading it lazily keeps this module torch-free
+    # both need torch; loading them lazily keeps this module torch-free
     if name == "InMemoryImages":
         from runner.data import InMemoryImages
 
         return InMemoryImages
+    if name == "head_names":
+        from runner.models import head_names
+
+        return head_names
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

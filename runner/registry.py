@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, Iterable, TypeVar
+from typing import Any, Generic, Iterable, Iterator, TypeVar
 
-from runner.errors import DuplicateNameError, UnknownNameError
+from runner.errors import DuplicateNameError, PluginError, RunnerError, UnknownNameError, one_line
 
 T = TypeVar("T")
 
@@ -21,11 +22,37 @@ class Entry(Generic[T]):
     plugin: str
     distribution: str | None = None
     version: str | None = None
+    builtin: bool = False
 
     @property
     def is_family(self) -> bool:
         """A name ending in ``*`` stands for a family, e.g. ``hub:*`` for every torch.hub model."""
         return self.name.endswith("*")
+
+    def label(self, name: str | None = None) -> str:
+        """The name as messages give it: ``Normalize``, or ``acme:GaussianNoise from plugin 'acme'``."""
+        return (name or self.name) if self.builtin else f"{name or self.name} from plugin {self.plugin!r}"
+
+    def blamed(self, key: str, name: str | None = None) -> Any:
+        """A context running this entry's code for spec key ``key`` (see :func:`blamed`); ``name``: a family's member."""
+        return blamed(f"{key} ({self.label(name)})")
+
+
+@contextmanager
+def blamed(where: str) -> Iterator[None]:
+    """Run plugin code; an exception it raises names ``where`` (the spec key, the name and the plugin).
+
+    A :class:`RunnerError` is the plugin's own message to the user and passes through unchanged;
+    anything else (a bug, or a check that raised ``ValueError``) becomes a :class:`PluginError`,
+    e.g. ``transforms.train[2] (acme:GaussianNoise from plugin 'acme'): ZeroDivisionError: …``,
+    chained to the original so ``--debug`` shows where it came from.
+    """
+    try:
+        yield
+    except RunnerError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{where}: {one_line(exc)}") from exc
 
 
 class Registry(Generic[T]):
@@ -51,10 +78,11 @@ class Registry(Generic[T]):
         plugin: str,
         distribution: str | None = None,
         version: str | None = None,
+        builtin: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
-        entry = Entry(name, obj, plugin, distribution, version)
+        entry = Entry(name, obj, plugin, distribution, version, builtin)
         if name in self._collisions:
             self._collisions[name].append(entry)
             raise DuplicateNameError(self._collision_message(name))
@@ -101,6 +129,10 @@ class Registry(Generic[T]):
 
     def collisions(self) -> dict[str, list[Entry[T]]]:
         return {name: list(entries) for name, entries in sorted(self._collisions.items())}
+
+    def find(self, name: str) -> Entry[T] | None:
+        """The entry that provides ``name`` (its own or its family's), or None; collisions are not resolved."""
+        return self._entries.get(name) or self._family_for(name)
 
     def entry(self, name: str) -> Entry[T]:
         if name in self._collisions:

@@ -189,6 +189,7 @@ class Report:
     groups: Any | None  # DataFrame, one row per group (with --group-by), else None
     run_ids: list[str]  # in report order, whichever columns were asked for
     frame: Any = None  # DataFrame, one row per run, every column (what the groups were computed from)
+    columns_chosen: bool = False  # --columns gave the columns and their order
 
     @property
     def table(self) -> Any:
@@ -296,7 +297,7 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         frame = sort_frame(frame, request.sort)
     default_columns = [c for c in frame.columns if c in REPORT_COLUMNS or c.startswith("test_")]
     runs = frame[list(request.columns) if request.columns else default_columns]
-    return Report(runs=runs, groups=groups, run_ids=frame["id"].tolist(), frame=frame)
+    return Report(runs=runs, groups=groups, run_ids=frame["id"].tolist(), frame=frame, columns_chosen=bool(request.columns))
 
 
 # ------------------------------------------------------------------------------------------
@@ -468,8 +469,8 @@ def render(report: Report, fmt: str) -> str | bytes:
         return frame_json(table)
     if fmt == "csv":
         return table.to_csv(index=False)
-    if fmt == "markdown":
-        return table.to_markdown(index=False)
+    if fmt == "markdown":  # missing values blank, as in the table and csv (not "nan": std of a one-run group)
+        return table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="")
     if fmt == "latex":
         return table.to_latex(index=False, escape=True, na_rep="")
     return text_table(table)
@@ -497,14 +498,6 @@ def text_table(frame: Any) -> str:
         cells.append(text.str.rjust(width) if numeric else text.str.ljust(width))
     body = cells[0].str.cat(cells[1:], sep="  ").str.rstrip() if len(cells) > 1 else cells[0].str.rstrip()
     return "\n".join(["  ".join(header).rstrip(), *body.tolist()])
-
-
-def blank_missing(frame: Any) -> Any:
-    """Text columns with None shown blank, as na_rep already shows missing numbers."""
-    shown = frame.copy()
-    for column in shown.columns[shown.dtypes == object]:
-        shown[column] = shown[column].where(shown[column].notna(), "")
-    return shown
 
 
 def write_output(path: Path, data: str | bytes) -> None:

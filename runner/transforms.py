@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from runner.errors import RunnerError, SpecError
+from runner.errors import PluginError, RunnerError, SpecError, one_line
 from runner.optim import check_arguments
 from runner.spec import TransformStep
 
@@ -30,6 +30,35 @@ class GrayscaleToRgb:
 
     def __repr__(self) -> str:
         return "GrayscaleToRgb()"
+
+
+class Steps:
+    """The spec's transforms applied in order (``v2.Compose`` for one image), each failure naming its step.
+
+    An exception from a step becomes a :class:`PluginError` such as ``transforms.train[2]
+    (acme:GaussianNoise from plugin 'acme'): ValueError: …``, also inside DataLoader workers (it
+    holds only the steps and strings, so it pickles) and when runner applies a deterministic
+    pipeline to a whole in-memory split at once.
+    """
+
+    def __init__(self, transforms: list[Callable[[Any], Any]], labels: list[str | None]) -> None:
+        self.transforms = transforms
+        self.labels = labels  # per step, its spec key and name for messages; None for runner's own steps
+
+    def __call__(self, image: Any) -> Any:
+        for transform, label in zip(self.transforms, self.labels):
+            try:
+                image = transform(image)
+            except RunnerError:
+                raise
+            except Exception as exc:
+                if label is None:
+                    raise
+                raise PluginError(f"{label}: {one_line(exc)}") from exc
+        return image
+
+    def __repr__(self) -> str:
+        return f"Steps({', '.join(map(repr, self.transforms))})"
 
 
 def transform_builder(registries: Registries, step: TransformStep, key: str) -> Callable[..., Any]:
@@ -57,20 +86,24 @@ def rgb_position(steps: Sequence[TransformStep]) -> int:
     return makers[-1] + 1 if makers else 0
 
 
-def build_transform(registries: Registries, steps: Sequence[TransformStep], key: str, expand_rgb: bool = False) -> Callable[[Any], Any]:
-    """``v2.Compose`` of the steps (with the RGB expansion inserted when ``expand_rgb``)."""
-    from torchvision.transforms import v2
-
+def build_transform(registries: Registries, steps: Sequence[TransformStep], key: str, expand_rgb: bool = False) -> Steps:
+    """The steps, built, in order (with the RGB expansion inserted when ``expand_rgb``)."""
     built: list[Any] = []
+    labels: list[str | None] = []
     for i, step in enumerate(steps):
         builder = transform_builder(registries, step, f"{key}[{i}]")
-        try:
-            built.append(builder(**step.options))
-        except (TypeError, ValueError) as exc:
-            raise SpecError(f"{key}[{i}] ({step.name}): {exc}") from None
+        entry = registries.transforms.entry(step.name)
+        with entry.blamed(f"{key}[{i}]", step.name):
+            try:
+                built.append(builder(**step.options))
+            except (TypeError, ValueError) as exc:  # an option the builder refuses
+                raise SpecError(f"{key}[{i}] ({entry.label(step.name)}): {exc}") from None
+        labels.append(f"{key}[{i}] ({entry.label(step.name)})")
     if expand_rgb:
-        built.insert(rgb_position(steps), GrayscaleToRgb())
-    return v2.Compose(built)
+        position = rgb_position(steps)
+        built.insert(position, GrayscaleToRgb())
+        labels.insert(position, None)
+    return Steps(built, labels)
 
 
 def describe(steps: Sequence[TransformStep], expand_rgb: bool = False) -> list[dict[str, Any]]:
@@ -87,6 +120,10 @@ def transform_sample(transform: Callable[[Any], Any], image: Any, key: str, rais
 
     try:
         sample = transform(image)
+    except RunnerError:
+        if raise_errors:
+            raise  # names the step that failed
+        return None
     except Exception as exc:
         if raise_errors:
             raise SpecError(f"{key} failed on a sample image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -97,6 +134,6 @@ def transform_sample(transform: Callable[[Any], Any], image: Any, key: str, rais
 
 
 __all__ = [
-    "GrayscaleToRgb", "transform_builder", "is_random", "without_random", "build_transform", "describe",
+    "Steps", "GrayscaleToRgb", "transform_builder", "is_random", "without_random", "build_transform", "describe",
     "transform_sample", "rgb_position",
 ]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
-import json
+import itertools
 import os
+import sys
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +22,9 @@ TINY_SPEC = SPECS / "tiny.yaml"
 @functools.lru_cache(maxsize=1)
 def builtin_registries() -> Any:
     """The built-in plugins only, loaded once: tests must not depend on which other plugins are installed."""
-    from runner.registries import load_registries
+    from runner.testing import plugin_registries
 
-    previous = os.environ.get("RUNNER_DISABLE_PLUGINS")
-    os.environ["RUNNER_DISABLE_PLUGINS"] = "1"
-    try:
-        return load_registries()
-    finally:
-        if previous is None:
-            os.environ.pop("RUNNER_DISABLE_PLUGINS", None)
-        else:
-            os.environ["RUNNER_DISABLE_PLUGINS"] = previous
+    return plugin_registries()
 
 
 def plan_and_build(spec: Any, registries: Any = None, **plan_options: Any) -> tuple[Any, Any]:
@@ -43,40 +37,60 @@ def plan_and_build(spec: Any, registries: Any = None, **plan_options: Any) -> tu
     return run_plan, setup(run_plan, registries)
 
 
-@dataclass
-class CliResult:
-    exit_code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test may touch results.db in the repository or a user's TORCH_HOME."""
+    """No test may touch results.db in the repository or a user's TORCH_HOME, nor see installed plugins.
+
+    ``RUNNER_LOAD_PLUGINS`` set to nothing loads no third-party plugin, in this process and in the
+    ``runner`` subprocesses tests start: the suite passes whichever plugins are installed. A test
+    that needs a plugin names it there (see ``install`` in test_plugins_loading.py).
+    """
     monkeypatch.delenv("RUNNER_DB", raising=False)
     monkeypatch.delenv("RUNNER_DISABLE_PLUGINS", raising=False)
     monkeypatch.delenv("RUNNER_BLOCK_PLUGINS", raising=False)
+    monkeypatch.setenv("RUNNER_LOAD_PLUGINS", "")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
-def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
-    """Run ``runner ARGS…`` in-process (torch is imported once per session, not per call)."""
-    from runner.cli import main
+_counter = itertools.count()
 
-    def invoke(*args: Any) -> CliResult:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
+
+@pytest.fixture
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
+    """``install(entry_point, source, dist=…, version=…)``: a plugin distribution visible to entry points.
+
+    The plugin is real as far as ``importlib.metadata`` can tell: a module and a ``.dist-info``
+    directory with an ``entry_points.txt``, in a folder put on ``sys.path``.
+    """
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    created: list[str] = []
+    loaded: list[str] = []
+
+    def install_plugin(entry_point: str, source: str, dist: str | None = None, version: str = "1.0.0") -> str:
+        module = f"fake_runner_plugin_{next(_counter)}"
+        dist = dist or f"runner-{entry_point.replace('_', '-')}"
+        loaded.append(entry_point)  # the suite loads only the plugins a test installs (RUNNER_LOAD_PLUGINS)
+        monkeypatch.setenv("RUNNER_LOAD_PLUGINS", ",".join(loaded))
+        (site / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n", encoding="utf-8")
+        (info / "entry_points.txt").write_text(f"[runner]\n{entry_point} = {module}\n", encoding="utf-8")
+        created.append(module)
+        return module
+
+    yield install_plugin
+    for module in created:
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., Any]:
+    """Run ``runner ARGS…`` in-process (torch is imported once per session, not per call): a ``CliResult``."""
+    from runner.testing import invoke
 
     return invoke
 
@@ -147,3 +161,44 @@ def trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     with torch_home_at(directory):
         outcome = run_experiment(TINY_SPEC, store=Store(directory / "results.db"), registries=builtin_registries())
     return TrainedRun(directory / "results.db", outcome.run_id)
+
+
+# ------------------------------------------------------------------------------------------
+# fresh virtual environments for installed-package tests (test_plugin_package.py, test_plugin_docs.py)
+
+
+def clean_env(torch_home: Path, load_plugins: str) -> dict[str, str]:
+    """This environment without runner's settings, with its own TORCH_HOME and only ``load_plugins`` loading."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNER_", "PYTHONHOME", "VIRTUAL_ENV"))}
+    env["RUNNER_LOAD_PLUGINS"] = load_plugins
+    env["TORCH_HOME"] = str(torch_home)
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def make_venv(venv: Path, env: dict[str, str]) -> None:
+    """A fresh venv that sees this environment's packages (torch, pip, setuptools) after its own.
+
+    A ``.pth`` file adds this interpreter's site-packages, which is what ``--system-site-packages``
+    would do if torch lived in the base interpreter rather than in a virtual environment.
+    """
+    import importlib.util
+    import site
+    import subprocess
+
+    has_pip = importlib.util.find_spec("pip") is not None
+    subprocess.run([sys.executable, "-m", "venv", *(["--without-pip"] if has_pip else []), str(venv)], check=True, env=env)
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True, env=env).stdout.strip()
+    parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    lines = [f"import site; site.addsitedir({p!r})" for p in parents]
+    Path(purelib, "_test_parent_environment.pth").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def pip_install_offline(venv: Path, env: dict[str, str], *args: str, cwd: Path) -> None:
+    """``pip install`` into ``venv`` with nothing fetched: no dependencies, no build isolation, no index."""
+    import subprocess
+
+    command = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    assert result.returncode == 0, result.stderr

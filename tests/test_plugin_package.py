@@ -10,19 +10,18 @@ command (offline: ``--no-deps --no-build-isolation``) installs runner, and ``pip
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
-import os
+import re
 import shutil
-import site
 import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from conftest import clean_env, make_venv, pip_install_offline
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = ROOT / "plugins" / "runner-extras"
@@ -45,7 +44,7 @@ def build(request):
 
 @hookimpl
 def runner_register_models(register):
-    register("broken:model", build)
+    register("broken_register:model", build)
     raise ValueError("model table is corrupt")
 '''
 
@@ -67,13 +66,6 @@ class PluginEnv:
                               text=True, env=self.env, timeout=600)
 
 
-def _clean_env(torch_home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNER_", "PYTHONHOME", "VIRTUAL_ENV"))}
-    env["TORCH_HOME"] = str(torch_home)
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    return env
-
-
 def _broken_dist(directory: Path, dist: str, module: str, entry_point: str, source: str) -> Path:
     directory.mkdir(parents=True)
     (directory / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
@@ -92,23 +84,13 @@ def _broken_dist(directory: Path, dist: str, module: str, entry_point: str, sour
     return directory
 
 
-def _make_venv(venv: Path, env: dict[str, str]) -> None:
-    """A fresh venv that sees this environment's packages (torch, pip, setuptools) after its own."""
-    has_pip = importlib.util.find_spec("pip") is not None
-    subprocess.run([sys.executable, "-m", "venv", *(["--without-pip"] if has_pip else []), str(venv)], check=True, env=env)
-    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True, env=env).stdout.strip()
-    parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    lines = [f"import site; site.addsitedir({p!r})" for p in parents]
-    Path(purelib, "_test_parent_environment.pth").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> PluginEnv:
     base = tmp_path_factory.mktemp("plugin_env")
-    env = _clean_env(base / "torch_home")
+    # the venv also sees this environment's packages: plugins installed here must not count there
+    env = clean_env(base / "torch_home", load_plugins="extras,broken_import,broken_register")
     venv = base / "venv"
-    _make_venv(venv, env)
+    make_venv(venv, env)
     # install from a copy, so the build's egg-info and build/ never land in the repository
     plugin_copy = base / "runner-extras"
     shutil.copytree(PLUGIN_DIR, plugin_copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
@@ -116,10 +98,8 @@ def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> PluginEnv:
         _broken_dist(base / "broken-import", "runner-broken-import", "broken_import_plugin", "broken_import", BROKEN_ON_IMPORT),
         _broken_dist(base / "broken-register", "runner-broken-register", "broken_register_plugin", "broken_register", BROKEN_ON_REGISTER),
     ]
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-    for args in ([*pip, "-e", str(ROOT)], [*pip, str(plugin_copy), *map(str, broken)]):
-        result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=base, timeout=600)
-        assert result.returncode == 0, result.stderr
+    pip_install_offline(venv, env, "-e", str(ROOT), cwd=base)
+    pip_install_offline(venv, env, str(plugin_copy), *map(str, broken), cwd=base)
     return PluginEnv(venv, plugin_copy, env)
 
 
@@ -158,7 +138,7 @@ def test_broken_plugins_are_reported_by_name_and_hide_nothing_else(plugins_listi
     assert any("'broken_import'" in p and "importing" in p and "libfoo is missing" in p for p in problems)
     assert any("'broken_register'" in p and "runner_register_models" in p and "model table is corrupt" in p for p in problems)
     names = {r["name"] for r in json.loads(result.stdout)["names"]}
-    assert "broken:model" not in names  # registered before the hook raised: dropped with it
+    assert "broken_register:model" not in names  # registered before the hook raised: dropped with it
     assert {"cnn", "mnist_bundled", "extras:mixup"} <= names
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2 and all("broken_" in w for w in warnings)
@@ -201,7 +181,9 @@ def _runner_imports(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     modules = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.module == "runner":  # from runner import testing
+            modules.extend(f"runner.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
             modules.append(node.module)
         elif isinstance(node, ast.Import):
             modules.extend(alias.name for alias in node.names)
@@ -209,8 +191,28 @@ def _runner_imports(path: Path) -> list[str]:
 
 
 def test_plugin_package_uses_runner_only_through_the_public_plugin_api() -> None:
-    sources = sorted((PLUGIN_DIR / "src").rglob("*.py")) + sorted((PLUGIN_DIR / "tests").rglob("*.py"))
-    assert sources
+    sources = sorted((PLUGIN_DIR / "src").rglob("*.py"))
+    tests = sorted((PLUGIN_DIR / "tests").rglob("*.py"))
+    assert sources and tests
     imports = {str(p.relative_to(PLUGIN_DIR)): _runner_imports(p) for p in sources}
     assert {path: mods for path, mods in imports.items() if set(mods) - {"runner.plugin_api"}} == {}
-    assert any(imports.values())
+    # its tests may also use the testing kit, which is public too
+    test_imports = {str(p.relative_to(PLUGIN_DIR)): _runner_imports(p) for p in tests}
+    assert {path: mods for path, mods in test_imports.items() if set(mods) - {"runner.plugin_api", "runner.testing"}} == {}
+    assert any(imports.values()) and any("runner.testing" in mods for mods in test_imports.values())
+    assert 'pytest_plugins = ["runner.testing"]' in (PLUGIN_DIR / "tests" / "conftest.py").read_text(encoding="utf-8")
+
+
+def test_ci_runs_the_suite_twice_the_second_time_with_runner_extras_installed() -> None:
+    script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "pip install ./plugins/runner-extras" in readme.splitlines()
+    steps = [line.split(";")[0] for line in script.splitlines() if line.startswith('echo "+ $')]
+    assert steps == ['echo "+ $install_cmd"', 'echo "+ $test_cmd"', 'echo "+ $extras_cmd"', 'echo "+ $plugin_test_cmd"']
+    assert 'plugin_test_cmd="$test_cmd ${plugin_tests[*]}"' in script
+    # the second pass: every test file that loads the environment's plugins, each one that exists
+    listed = set(re.findall(r"tests/test_\w+\.py", script.split("plugin_tests=(")[1].split(")")[0]))
+    assert all((ROOT / path).is_file() for path in listed)
+    loading = {f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py")
+               if re.search(r"\binstall: |load_registries\(\)|plugin_env|make_venv\(", path.read_text(encoding="utf-8"))}
+    assert loading <= listed, sorted(loading - listed)

@@ -6,10 +6,7 @@ module and a ``.dist-info`` directory with an ``entry_points.txt`` in a folder p
 
 from __future__ import annotations
 
-import itertools
 import json
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,33 +57,6 @@ def runner_register_models(register):
 def runner_register_strategies(register):
     register("acme:head_first", HeadFirst)
 '''
-
-_counter = itertools.count()
-
-
-@pytest.fixture
-def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
-    """``install(entry_point, source, dist=…, version=…)``: a plugin distribution visible to entry points."""
-    site = tmp_path / "site-packages"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    created: list[str] = []
-
-    def install_plugin(entry_point: str, source: str, dist: str | None = None, version: str = "1.0.0") -> str:
-        module = f"fake_runner_plugin_{next(_counter)}"
-        dist = dist or f"runner-{entry_point.replace('_', '-')}"
-        (site / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
-        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n", encoding="utf-8")
-        (info / "entry_points.txt").write_text(f"[runner]\n{entry_point} = {module}\n", encoding="utf-8")
-        created.append(module)
-        return module
-
-    yield install_plugin
-    for module in created:
-        sys.modules.pop(module, None)
-
 
 def model_plugin(name: str) -> str:
     return f'''
@@ -258,25 +228,167 @@ def test_block_env_blocks_builtin_plugins_too(monkeypatch: pytest.MonkeyPatch) -
 
 
 # ------------------------------------------------------------------------------------------
-# collisions
+# names: built-ins win, a plugin's names carry its own prefix, one name once
 
 
-def test_collision_is_flagged_in_runner_plugins_and_the_name_refused_until_one_is_blocked(
-    install: Callable[..., str], monkeypatch: pytest.MonkeyPatch, run_cli: Any
+QUICKSTART = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.yaml"
+
+
+def test_a_plugin_registering_a_builtin_name_is_refused_at_the_call_and_the_builtin_keeps_working(
+    install: Callable[..., str], run_cli: Any
 ) -> None:
-    install("one", model_plugin("shared:model"))
-    install("two", model_plugin("shared:model"))
-    result = run_cli("plugins", "--kind", "model", "--format", "json")
-    flagged = [(r["plugin"], r["collision"]) for r in result.json()["names"] if r["name"] == "shared:model"]
-    assert sorted(flagged) == [("one", "COLLISION"), ("two", "COLLISION")]
-    assert any("registered by both 'one' and 'two'" in p for p in result.json()["problems"])
-    table = run_cli("plugins", "--kind", "model").out.splitlines()
-    assert sum(1 for line in table if "shared:model" in line and line.rstrip().endswith("COLLISION")) == 2
-    with pytest.raises(DuplicateNameError, match="block one of them"):
-        load_registries().models.get("shared:model")
+    install("clash", model_plugin("cnn"))
+    result = run_cli("validate", QUICKSTART)
+    assert result.exit_code == 0, result.err
+    assert result.out.startswith(f"{QUICKSTART}: ok (cnn,")
+    assert result.err.splitlines() == [
+        "warning: plugin 'clash' failed while running runner_register_models: ValueError: register('cnn', …): "
+        "plugin 'clash' may only register names that start with 'clash:' (e.g. 'clash:cnn')"
+    ]
+    assert load_registries().models.entry("cnn").plugin == "runner.plugins.models"
 
-    monkeypatch.setenv("RUNNER_BLOCK_PLUGINS", "two")
-    assert load_registries().models.entry("shared:model").plugin == "one"
+
+def test_a_plugin_whose_prefix_is_a_builtin_one_is_refused_the_builtin_names_and_keeps_its_others(install: Callable[..., str]) -> None:
+    install("torchvision", model_plugin("torchvision:resnet18").replace(
+        "register('torchvision:resnet18', build)", "register('torchvision:resnet18', build)\n    register('torchvision:lenet', build)"))
+    install("hub", model_plugin("hub:me/mine/model"))  # the built-in family hub:* covers it
+    registries = load_registries()
+    assert sorted(str(p) for p in registries.problems) == [
+        "plugin 'hub' registered model 'hub:me/mine/model', which the built-in plugin 'runner.plugins.models' provides: "
+        "refused, the built-in is used",
+        "plugin 'torchvision' registered model 'torchvision:resnet18', which the built-in plugin 'runner.plugins.models' "
+        "provides: refused, the built-in is used",
+    ]
+    assert registries.models.entry("torchvision:resnet18").plugin == "runner.plugins.models"
+    assert registries.models.entry("torchvision:lenet").plugin == "torchvision"
+    assert registries.models.entry("hub:me/mine/model").plugin == "runner.plugins.models"
+
+
+def test_a_plugin_claiming_another_plugins_name_is_the_one_blamed_and_the_other_keeps_every_name(install: Callable[..., str]) -> None:
+    install("acme", GOOD_PLUGIN)
+    install("acmeclash", model_plugin("acme:linear"))
+    registries = load_registries()
+    assert [str(p) for p in registries.problems] == [
+        "plugin 'acmeclash' failed while running runner_register_models: ValueError: register('acme:linear', …): "
+        "plugin 'acmeclash' may only register names that start with 'acmeclash:' (e.g. 'acmeclash:linear')"
+    ]
+    assert registries.models.entry("acme:linear").plugin == "acme"
+    assert registries.strategies.entry("acme:head_first").plugin == "acme"
+
+
+def test_a_plugin_registering_a_name_twice_fails_at_the_second_call_naming_the_plugin_and_the_name(install: Callable[..., str]) -> None:
+    install("twice", model_plugin("twice:model").replace("register('twice:model', build)",
+                                                         "register('twice:model', build)\n    register('twice:model', build)"))
+    registries = load_registries()
+    assert [str(p) for p in registries.problems] == [
+        "plugin 'twice' failed while running runner_register_models: ValueError: register('twice:model', …): "
+        "plugin 'twice' registered model 'twice:model' twice"
+    ]
+    assert "twice:model" not in registries.models and registries.models.collisions() == {}
+
+
+def test_two_distributions_with_one_plugin_name_load_once_and_the_other_is_named(install: Callable[..., str]) -> None:
+    install("acme", model_plugin("acme:first"), dist="runner-acme")
+    install("acme", model_plugin("acme:second"), dist="runner-acme-fork")
+    registries = load_registries()
+    assert len(registries.problems) == 1 and registries.problems[0].stage == "duplicate"
+    message = str(registries.problems[0])
+    loaded = registries.plugins["acme"].distribution
+    other = {"runner-acme", "runner-acme-fork"} - {loaded}
+    assert message == (f"plugin 'acme' of distribution {other.pop()!r} 1.0.0 is not loaded: "
+                       f"distribution {loaded!r} 1.0.0 already provides a plugin of that name")
+    assert len(registries.models.list("acme:*")) == 1
+
+
+def test_registry_collisions_still_name_both_plugins_and_refuse_the_name() -> None:
+    from runner.registry import Registry
+
+    registry: Registry[int] = Registry("model")
+    registry.register("a:b:model", 1, plugin="a")
+    with pytest.raises(DuplicateNameError, match="registered by both 'a' and 'a:b'; block one of them"):
+        registry.register("a:b:model", 2, plugin="a:b")
+    with pytest.raises(DuplicateNameError):
+        registry.get("a:b:model")
+
+
+# ------------------------------------------------------------------------------------------
+# hooks runner would never call, and plugins that register nothing
+
+
+def test_a_hook_name_typo_a_missing_hookimpl_and_an_empty_plugin_each_get_a_warning(install: Callable[..., str], run_cli: Any) -> None:
+    install("typo", """
+        from runner.plugin_api import hookimpl
+
+        @hookimpl
+        def runner_register_model(register):
+            register("typo:model", object)
+    """)
+    install("unmarked", """
+        def runner_register_models(register):
+            register("unmarked:model", object)
+    """)
+    install("idle", "HELPER = 1\n")
+    install("acme", GOOD_PLUGIN)
+    result = run_cli("plugins", "--format", "json")
+    assert result.exit_code == 0
+    assert sorted(result.err.splitlines()) == [
+        "warning: plugin 'idle' loaded but registered no names (`runner plugins` lists what plugins register)",
+        "warning: plugin 'typo' implements runner_register_model, which is not a hook of this runner; did you mean runner_register_models?",
+        "warning: plugin 'unmarked' defines runner_register_models without @hookimpl, so runner never calls it",
+    ]
+    assert {p["plugin"] for p in result.json()["plugins"] if not p["builtin"]} == {"typo", "unmarked", "idle", "acme"}
+
+
+# ------------------------------------------------------------------------------------------
+# names of plugins that are not loaded
+
+
+BLOCKED_DATASET_SPEC = """
+seed: 0
+device: cpu
+data: {dataset: 'acme:sklearn_digits'}
+model: {name: cnn}
+training: {epochs: 1}
+"""
+
+ACME_DATASET = """
+from runner.plugin_api import hookimpl
+
+@hookimpl
+def runner_register_datasets(register):
+    register("acme:sklearn_digits", lambda request: None)
+"""
+
+
+@pytest.mark.parametrize("env, why", [
+    ({"RUNNER_BLOCK_PLUGINS": "acme"}, "is blocked by RUNNER_BLOCK_PLUGINS"),
+    ({"RUNNER_BLOCK_PLUGINS": "runner-acme"}, "is blocked by RUNNER_BLOCK_PLUGINS"),
+    ({"RUNNER_DISABLE_PLUGINS": "1"}, "is not loaded (RUNNER_DISABLE_PLUGINS=1)"),
+])
+def test_a_name_of_a_blocked_or_disabled_plugin_says_so_instead_of_suggesting_another(
+    install: Callable[..., str], run_cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], why: str,
+) -> None:
+    install("acme", ACME_DATASET, dist="runner-acme")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(BLOCKED_DATASET_SPEC, encoding="utf-8")
+    result = run_cli("validate", spec)
+    assert result.exit_code == 2
+    assert result.err.splitlines() == [f"error: data.dataset: dataset 'acme:sklearn_digits' comes from plugin 'acme', which {why}"]
+
+
+def test_a_name_whose_hook_failed_says_so(install: Callable[..., str], run_cli: Any, tmp_path: Path) -> None:
+    install("acme", ACME_DATASET.replace('register("acme:sklearn_digits", lambda request: None)',
+                                         'register("acme:sklearn_digits", lambda request: None)\n    raise OSError("no sklearn")'))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(BLOCKED_DATASET_SPEC, encoding="utf-8")
+    result = run_cli("validate", spec)
+    assert result.exit_code == 2
+    assert result.err.splitlines() == [
+        "warning: plugin 'acme' failed while running runner_register_datasets: OSError: no sklearn",
+        "error: data.dataset: dataset 'acme:sklearn_digits' comes from plugin 'acme', whose runner_register_datasets failed",
+    ]
 
 
 def test_runner_plugins_json_lists_every_loaded_plugin(install: Callable[..., str], run_cli: Any) -> None:

@@ -362,3 +362,61 @@ def test_html_report_renders_in_headless_chromium(run_cli, seed_store, tmp_path)
         saturated = sum(count for count, (r, g, b) in colours if max(r, g, b) - min(r, g, b) > 80)
     assert len(colours) > 50, "the screenshot is blank"
     assert saturated > 2000, "no figure was drawn in the screenshot"
+
+
+# ------------------------------------------------------------------------------------------
+# reading a report: what people open it for comes first, blanks stay blank
+
+
+def test_html_tables_put_identity_and_metrics_first_text_left_numbers_right(run_cli, seed_store):
+    html = run_cli("report", "--db", seed_store.db, "--group-by", "name", "--format", "html").out
+    groups, runs = re.findall(r"<thead><tr>(.*?)</tr></thead>", html)
+    runs_header = re.findall(r'<th class="(\w+)">(\w+)</th>', runs)
+    assert [name for _, name in runs_header][:5] == ["id", "name", "status", "test_accuracy", "best_val_accuracy"]
+    assert [name for _, name in runs_header][-3:] == ["weights_source", "stop_reason", "started_at"]
+    kinds = dict((name, kind) for kind, name in runs_header)
+    assert kinds["name"] == kinds["stop_reason"] == kinds["model"] == "text" and kinds["test_accuracy"] == kinds["seed"] == "num"
+    assert [name for _, name in re.findall(r'<th class="(\w+)">(\w+)</th>', groups)][:4] == [
+        "name", "n", "test_accuracy_mean", "test_accuracy_std"]
+    short_run_row = next(row for row in re.findall(r"<tr>(.*?)</tr>", html) if f">{SHORT_NAME}<" in row and "<td" in row)
+    assert "nan" not in short_run_row  # one run: no standard deviation, shown blank
+
+
+def test_html_shortens_long_text_and_keeps_all_of_it_on_hover() -> None:
+    import pandas as pd
+
+    from runner.html_report import _table_html
+
+    source = "run:ab12cd34ef56 (experiment experiments/vgg_pretrain.yaml)"
+    html = _table_html(pd.DataFrame({"id": ["ab12cd34ef56"], "name": ["a-rather-long-experiment-name-kept-whole"],
+                                     "weights_source": [source], "test_accuracy": [0.91234]}))
+    assert f'<td class="text" title="{source}">{source[:27]}…</td>' in html
+    assert ">a-rather-long-experiment-name-kept-whole<" in html and '<td class="num">0.9123</td>' in html
+
+
+def test_markdown_group_report_leaves_the_std_and_ci_of_a_one_run_group_empty(run_cli, seed_store):
+    result = run_cli("report", "--db", seed_store.db, "--group-by", "name", "--format", "markdown")
+    assert result.exit_code == 0, result.err
+    short = next(line for line in result.out.splitlines() if SHORT_NAME in line)
+    assert "nan" not in short.lower()
+    header = [c.strip() for c in result.out.splitlines()[0].strip("|").split("|")]
+    cells = [c.strip() for c in short.strip("|").split("|")]
+    assert cells[header.index("test_accuracy_std")] == "" and cells[header.index("test_accuracy_ci95")] == ""
+    assert cells[header.index("n")] == "1" and cells[header.index("test_accuracy_mean")] != ""
+
+
+def test_show_text_lists_the_plugins_and_the_trainable_parameters_of_every_stage(run_cli, tmp_path):
+    db = tmp_path / "results.db"
+    result = run_cli("run", TINY_SPEC, "--db", db, "-q", "--set", "training.strategy.name=gradual", "--set", "training.epochs=3")
+    assert result.exit_code == 0, result.err
+    text = run_cli("show", result.out.strip(), "--db", db).out
+    details = _show(run_cli, db, result.out.strip())
+    lines = {line[:18].strip(): line[18:].strip() for line in text.splitlines() if line[:2] != "  " and line.strip()}
+    version = details["versions"]["runner"]
+    assert lines["plugins"] == (f"runner-dl {version} (runner.plugins.datasets, runner.plugins.models, runner.plugins.strategies, "
+                                f"runner.plugins.transforms)")
+    stages = details["settings"]["model"]["stages"]
+    assert len(stages) == 2 and stages[0]["params_trainable"] < stages[1]["params_trainable"]
+    assert lines["params"] == f"{details['params']['total']:,} total; trainable by stage:"
+    assert f"  epochs 1-1       {stages[0]['params_trainable']:,} trainable (\"head\")" in text.splitlines()
+    assert f"  epochs 2-3       {stages[1]['params_trainable']:,} trainable (\"all\", backbone lr x0.1)" in text.splitlines()

@@ -117,6 +117,8 @@ def _torchvision_dataset_builder(cls: type) -> Callable[[DatasetRequest], Any]:
             return cls(**options)
         except TypeError as exc:
             raise SpecError(f"data.options: {cls.__name__}: {exc}") from None
+        except ImportError as exc:  # e.g. LSUN needs lmdb, PCAM h5py: optional packages torchvision does not install
+            raise RunnerError(f"dataset {request.name} needs a package that is not installed: {exc}") from None
         except (RuntimeError, FileNotFoundError) as exc:
             raise RunnerError(f"dataset {request.name} not found under {options.get('root')}: {str(exc).splitlines()[0]}") from None
 
@@ -130,7 +132,8 @@ def torchvision_dataset_classes() -> dict[str, type]:
     return {
         name: getattr(tvd, name)
         for name in tvd.__all__
-        if isinstance(getattr(tvd, name), type) and issubclass(getattr(tvd, name), tvd.VisionDataset)
+        # VisionDataset itself is the abstract base: it "loads" anything and has no samples
+        if isinstance(getattr(tvd, name), type) and issubclass(getattr(tvd, name), tvd.VisionDataset) and getattr(tvd, name) is not tvd.VisionDataset
     }
 
 

@@ -9,13 +9,20 @@ from runner.hookspecs import hookimpl
 from runner.interfaces import Stage, Strategy
 
 
+def learning_rate_multiplier(value: Any, key: str) -> float:
+    """A backbone learning-rate multiplier: a number ≥ 0 (0 freezes the backbone's updates but keeps its gradients)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise SpecError(f"{key}: must be a number ≥ 0, got {value!r}")
+    return float(value)
+
+
 class FullFinetune(Strategy):
     """Every parameter trains; ``lr_mult`` scales the backbone's learning rate (discriminative LRs)."""
 
     name = "full_finetune"
 
     def __init__(self, lr_mult: float = 1.0) -> None:
-        self.lr_mult = float(lr_mult)
+        self.lr_mult = learning_rate_multiplier(lr_mult, "training.strategy.lr_mult")
 
     def stage(self, epoch: int) -> Stage:
         return Stage(trainable="all", backbone_lr_mult=self.lr_mult)
@@ -64,7 +71,10 @@ class Gradual(Strategy):
             epochs = raw.get("epochs")
             if epochs is None and i != len(stages) - 1:
                 raise SpecError(f"training.strategy.stages[{i}]: only the last stage may omit 'epochs'")
-            self.stages.append((epochs, Stage(trainable=raw.get("train", "all"), backbone_lr_mult=float(raw.get("lr_mult", 1.0)))))
+            if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+                raise SpecError(f"training.strategy.stages[{i}].epochs: must be a whole number of epochs, at least 1, got {epochs!r}")
+            lr_mult = learning_rate_multiplier(raw.get("lr_mult", 1.0), f"training.strategy.stages[{i}].lr_mult")
+            self.stages.append((epochs, Stage(trainable=raw.get("train", "all"), backbone_lr_mult=lr_mult)))
 
     def stage(self, epoch: int) -> Stage:
         end = 0

@@ -3,7 +3,10 @@
     pip install -e ./plugins/runner-extras
     python -m pytest plugins/runner-extras/tests -q
 
-They use only runner's public plugin API (``runner.plugin_api``) and the ``runner`` command.
+They use only runner's public API for plugins: ``runner.plugin_api``, the testing kit
+``runner.testing`` (its checks run over every name the plugin registers, and its
+``runner_sandbox`` fixture runs ``runner`` commands against a store of the test's own), and the
+``runner`` command.
 """
 
 from __future__ import annotations
@@ -12,48 +15,64 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import runner_extras
-from runner.plugin_api import DatasetRequest, LabelledImages, ModelRequest, SpecError, Strategy, TrainingContext
+from runner import testing
+from runner.plugin_api import DatasetRequest, LabelledImages, ModelRequest, SpecError, TrainingContext
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shapes_mixup.yaml"
 
-
-def registered(hook: Callable[..., None]) -> dict[str, Any]:
-    """What one of the plugin's hooks registers, collected the way runner's ``register`` would."""
-    names: dict[str, Any] = {}
-    hook(register=names.__setitem__)
-    return names
-
-
-MODELS = registered(runner_extras.runner_register_models)
-DATASETS = registered(runner_extras.runner_register_datasets)
-TRANSFORMS = registered(runner_extras.runner_register_transforms)
-STRATEGIES = registered(runner_extras.runner_register_strategies)
+# runner's built-ins and this plugin only, whatever else is installed
+REGISTRIES = testing.plugin_registries("extras")
+MODELS = {name: REGISTRIES.models.get(name) for name in testing.names(REGISTRIES, "model", plugin="extras")}
+DATASETS = {name: REGISTRIES.datasets.get(name) for name in testing.names(REGISTRIES, "dataset", plugin="extras")}
+TRANSFORMS = {name: REGISTRIES.transforms.get(name) for name in testing.names(REGISTRIES, "transform", plugin="extras")}
+STRATEGIES = {name: REGISTRIES.strategies.get(name) for name in testing.names(REGISTRIES, "strategy", plugin="extras")}
 
 
-def test_every_name_is_prefixed_so_it_cannot_collide_with_runner_builtins() -> None:
-    names = [*MODELS, *DATASETS, *TRANSFORMS, *STRATEGIES]
-    assert names and all(n.startswith("extras:") for n in names)
+def test_the_plugin_loads_cleanly_and_every_name_carries_its_prefix() -> None:
+    testing.check_plugin_loads(REGISTRIES, "extras")
+    assert set(MODELS) | set(DATASETS) | set(TRANSFORMS) | set(STRATEGIES) == {
+        "extras:resnet_small", "extras:npz", "extras:shapes", "extras:Cutout", "extras:PerImageStandardize", "extras:mixup"}
 
 
 # ------------------------------------------------------------------------------------------
-# models (every registered model is built and run, as timm's tests do)
+# the testing kit's checks, over every registered name (timm's way)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("input_shape", [(1, 28, 28), (3, 32, 32)])
-def test_every_model_builds_and_outputs_one_logit_per_class(name: str, input_shape: tuple[int, int, int]) -> None:
-    model = MODELS[name](ModelRequest(name=name, num_classes=5, input_shape=input_shape))
-    logits = model(torch.randn(2, *input_shape))
-    assert logits.shape == (2, 5)
-    logits.sum().backward()  # every parameter takes part
-    assert all(p.grad is not None for p in model.parameters())
+def test_every_model_passes_the_kits_checks(name: str, input_shape: tuple[int, int, int]) -> None:
+    testing.check_model(REGISTRIES, name, input_shape=input_shape)  # 1 and 5 classes, head found, every parameter learns
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_every_transform_passes_the_kits_checks(name: str) -> None:
+    testing.check_transform(REGISTRIES, name, dtypes=("float32",))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_passes_the_kits_checks(name: str) -> None:
+    testing.check_strategy(REGISTRIES, name)
+
+
+def test_shapes_passes_the_kits_dataset_checks() -> None:
+    testing.check_dataset(REGISTRIES, "extras:shapes", options={"n_per_class": 5, "size": 16})
+
+
+def test_npz_passes_the_kits_dataset_checks_and_refuses_a_missing_file_in_one_line(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", images=np.zeros((6, 4, 4), dtype=np.uint8), labels=np.array([0, 1, 2, 0, 1, 2]))
+    testing.check_dataset(REGISTRIES, "extras:npz", options={"path": "d.npz"}, base_dir=tmp_path)
+    testing.check_dataset_refuses(REGISTRIES, "extras:npz", options={"path": "gone.npz"}, base_dir=tmp_path, match="no such file")
+
+
+# ------------------------------------------------------------------------------------------
+# models
 
 
 def test_resnet_small_blocks_option_deepens_the_network() -> None:
@@ -156,14 +175,6 @@ def test_npz_errors_name_what_is_wrong(tmp_path: Path, options: dict[str, Any], 
 # transforms
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
-def test_every_transform_keeps_the_image_shape_and_declares_whether_it_is_random(name: str) -> None:
-    transform = TRANSFORMS[name]()
-    image = torch.rand(3, 16, 16)
-    assert transform(image).shape == image.shape
-    assert isinstance(TRANSFORMS[name].random, bool)
-
-
 def test_cutout_blanks_one_square_of_the_given_size_at_most() -> None:
     torch.manual_seed(0)
     blanked = [(TRANSFORMS["extras:Cutout"](size=4)(torch.ones(1, 12, 12)) == 0).sum().item() for _ in range(50)]
@@ -204,12 +215,8 @@ def context(num_classes: int) -> TrainingContext:
                            device=torch.device("cpu"), epochs=1, train_loader=[], val_loader=[])
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_builds_with_defaults_and_describes_itself(name: str) -> None:
-    strategy = STRATEGIES[name]()
-    assert isinstance(strategy, Strategy)
-    assert strategy.describe()["name"] == name
-    assert strategy.stage(1).trainable == "all"
+def test_mixup_trains_everything_by_default() -> None:
+    assert STRATEGIES["extras:mixup"]().stage(1).trainable == "all"
 
 
 def test_mixup_blends_images_and_labels_with_the_same_weight() -> None:
@@ -278,10 +285,10 @@ def test_end_to_end_runner_lists_the_plugin_names_with_distribution_and_version(
     assert {(r["distribution"], r["version"]) for r in rows.values()} == {("runner-extras", runner_extras.__version__)}
 
 
-def test_end_to_end_example_spec_trains_one_epoch_to_completed(tmp_path: Path) -> None:
-    result = runner_cli("run", EXAMPLE, "--db", tmp_path / "results.db", "--set", "training.epochs=1", "-q", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    shown = runner_cli("show", result.stdout.strip(), "--db", tmp_path / "results.db", "--format", "json", cwd=tmp_path)
-    details = json.loads(shown.stdout)
+def test_end_to_end_example_spec_trains_one_epoch_to_completed(runner_sandbox: testing.Sandbox) -> None:
+    runner_sandbox.load("extras")
+    result = runner_sandbox.cli("run", EXAMPLE, "--set", "training.epochs=1", "-q")
+    assert result.exit_code == 0, result.err
+    details = runner_sandbox.cli("show", result.out.strip(), "--format", "json").json()
     assert details["status"] == "completed"
     assert {"distribution": "runner-extras", "version": runner_extras.__version__, "plugin": "extras"} in details["plugins"]
