@@ -173,6 +173,9 @@ CASES = [
     Case("set-without-value", "`--set` without `=`", lambda t: _run(spec(t, BASE), "--set", "training.epochs"), "--set expects KEY=VALUE"),
     Case("yaml-python-tag", "a YAML tag that constructs a Python object", lambda t: _run(spec(t, f"model: !!python/object/apply:os.mkdir ['{t / 'marker'}']\n")), "YAML tag not allowed", no_code_ran=True),
     Case("heartbeat-setting", "a `RUNNER_HEARTBEAT_S` that is not a positive number", lambda t: _run(spec(t, BASE)), "RUNNER_HEARTBEAT_S must be a positive number of seconds", env={"RUNNER_HEARTBEAT_S": "0"}),
+    Case("nproc-zero", "`--nproc` below 1", lambda t: _run(spec(t, BASE), "--nproc", "0"), "--nproc must be at least 1, got 0"),
+    Case("nproc-under-torchrun", "`--nproc` in a process torchrun started", lambda t: _run(spec(t, BASE), "--nproc", "2"), "--nproc starts torchrun, but this process already runs under torchrun; leave --nproc out", env={"RANK": "0", "WORLD_SIZE": "2"}),
+    Case("torchrun-env-incomplete", "torchrun's `RANK` and `WORLD_SIZE` without `MASTER_ADDR`", lambda t: _run(spec(t, BASE)), "cannot join the other processes: Error initializing torch.distributed using env:// rendezvous: environment variable MASTER_ADDR expected, but not set", env={"RANK": "0", "WORLD_SIZE": "2"}),
 ]
 
 
