@@ -205,6 +205,10 @@ def show(run_id: str, db: str | None, fmt: str) -> None:
                 "stop_reason", "best_epoch", "best_val_accuracy", "spec_hash", "git_commit"):
         click.echo(f"{key:18} {details[key]}")
     click.echo(f"{'weights':18} {details['weights']}")
+    distributed = (details["settings"] or {}).get("distributed") or {}
+    if distributed.get("backend"):  # trained by torchrun's processes
+        click.echo(f"{'processes':18} {distributed['world_size']} ({distributed['backend']}), "
+                   f"global batch {distributed['global_batch_size']} ({distributed['batch_size_per_process']} per process)")
     click.echo(f"{'params':18} {details['params']['total']:,} total, {details['params']['trainable']:,} trainable"
                if details["params"]["total"] is not None else f"{'params':18} -")
     click.echo(f"{'test':18} {details['test']}")

@@ -33,7 +33,6 @@ One process started without torchrun gets :data:`ONE_PROCESS`, whose every opera
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -234,7 +233,6 @@ class ProcessGroup(Collective):
         self.device = device
         self.shard = Shard(launch.rank, launch.world_size)
         self._side = dist.PrefixStore(f"runner/{launch.restart}", store)  # failures, beside the process group's keys
-        self._wrapped: nn.Module | None = None
 
     @property
     def planned_world_size(self) -> int | None:
@@ -292,15 +290,13 @@ class ProcessGroup(Collective):
     def wrap(self, module: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
-        # a wrapper left alive would keep its gradient hooks on parameters it no longer owns
-        self._wrapped = None
-        gc.collect()
         if not any(p.requires_grad for p in module.parameters()):
             return module
         device_ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
-        # init_sync=False: every rank holds rank 0's weights already (prepare); no broadcast per stage
-        self._wrapped = DistributedDataParallel(module, device_ids=device_ids, init_sync=False)
-        return self._wrapped
+        # init_sync=False: every rank holds rank 0's weights already (prepare), no broadcast per stage.
+        # The wrapper of an earlier stage keeps its gradient hooks until it is collected, but they do
+        # nothing: a reducer acts only on the backward pass that follows its own forward.
+        return DistributedDataParallel(module, device_ids=device_ids, init_sync=False)
 
     def start_epoch(self, epoch: int, loader: Any, seed: int) -> None:
         sampler = getattr(loader, "sampler", None)
@@ -348,7 +344,6 @@ class ProcessGroup(Collective):
     def leave(self) -> None:
         import torch.distributed as dist
 
-        self._wrapped = None
         if dist.is_initialized():
             dist.destroy_process_group()
 

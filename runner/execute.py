@@ -324,8 +324,8 @@ def train_run(
                 store.runs.finish(run_id, "interrupted", owner=owner, stop_reason=f"interrupted by {signal_name}")
             raise RunInterrupted(run_id, signal_name, recorder.checkpoint_epoch, collective.resume_command(run_id)) from None
         except Exception as exc:
-            # a rank that failed first explains a broken connection here
-            elsewhere = collective.failure_elsewhere()
+            # a rank that failed first explains a broken connection here (not an error rank 0 found itself)
+            elsewhere = None if isinstance(exc, RunnerError) else collective.failure_elsewhere()
             if elsewhere is not None:
                 raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
             raise _failed(store, run_id, owner, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc

@@ -5,7 +5,8 @@ worker processes load it like any plugin. Records go to ``$RUNNER_PROBE_DIR`` (n
 
 - ``probe:recorder`` (a strategy: everything trains) appends ``EPOCH SHA256`` of its rank's model
   after every epoch to ``weights-rank{RANK}.txt``; with ``fail_on_rank`` and ``fail_in_epoch`` that
-  rank raises during that epoch;
+  rank raises during that epoch; with ``drift_on_rank`` that rank's weights move away from the
+  others' after the last epoch;
 - ``probe:cnn`` (a model: a convolution backbone and a Linear head) appends the number of images
   its backbone sees in each forward pass to ``backbone-rank{RANK}.txt``.
 """
@@ -16,6 +17,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from runner.plugin_api import Stage, Strategy, hookimpl
@@ -43,13 +45,14 @@ def state_sha256(state: dict) -> str:
 class Recorder(Strategy):
     name = "probe:recorder"
 
-    def __init__(self, fail_on_rank: int | None = None, fail_in_epoch: int | None = None) -> None:
-        self.fail_on_rank, self.fail_in_epoch = fail_on_rank, fail_in_epoch
+    def __init__(self, fail_on_rank: int | None = None, fail_in_epoch: int | None = None, drift_on_rank: int | None = None) -> None:
+        self.fail_on_rank, self.fail_in_epoch, self.drift_on_rank = fail_on_rank, fail_in_epoch, drift_on_rank
         self.epochs_done = 0
+        self.epochs = 0
         self.model: nn.Module | None = None
 
     def setup(self, context) -> None:
-        self.model = context.model
+        self.model, self.epochs = context.model, context.epochs
 
     def stage(self, epoch: int) -> Stage:
         return Stage(trainable="all")
@@ -63,10 +66,14 @@ class Recorder(Strategy):
     def epoch_metrics(self, epoch: int) -> dict[str, float]:
         self.epochs_done = epoch
         record(f"weights-rank{rank()}.txt", f"{epoch} {state_sha256(self.model.state_dict())}")
+        if rank() == self.drift_on_rank and epoch == self.epochs:
+            with torch.no_grad():
+                next(self.model.parameters()).add_(1.0)
         return {}
 
     def describe(self) -> dict:
-        return {"name": self.name, "fail_on_rank": self.fail_on_rank, "fail_in_epoch": self.fail_in_epoch}
+        return {"name": self.name, "fail_on_rank": self.fail_on_rank, "fail_in_epoch": self.fail_in_epoch,
+                "drift_on_rank": self.drift_on_rank}
 
 
 def _count_images(module: nn.Module, args: tuple) -> None:

@@ -165,6 +165,17 @@ def test_metrics_of_the_whole_split_equal_runner_eval_of_the_final_weights(two_p
     assert abs(val["accuracy"] - last_epoch["val_accuracy"]) < 1e-6
 
 
+def test_show_and_reproduce_say_how_many_processes_trained_the_run(two_process_run: Launched, run_cli: Any, tmp_path: Path) -> None:
+    from conftest import copy_store
+
+    shown = run_cli("show", two_process_run.run_id, "--db", two_process_run.db)
+    assert "processes          2 (gloo), global batch 32 (16 per process)" in shown.out.splitlines()
+    db = copy_store(two_process_run.db, tmp_path / "copy.db")
+    reproduced = run_cli("reproduce", two_process_run.run_id, "--db", db, "-q")  # one process: other batches
+    assert reproduced.exit_code == 1
+    assert f"warning: processes were 2 (gloo) for run {two_process_run.run_id}, now 1 (no torchrun)" in reproduced.err.splitlines()
+
+
 def test_two_processes_of_16_train_like_one_of_32_on_the_same_batches(probe_site: Path, tmp_path: Path, run_cli: Any) -> None:
     """Without BatchNorm and dropout, the ranks' step-i batches together are one process's batch i of twice the size
     (the sampler's order depends on the seed and the epoch only), and DDP averages their gradients."""
@@ -217,6 +228,30 @@ def test_a_rank_that_raises_fails_the_run_with_its_error_and_the_launcher_exits_
     assert [e["epoch"] for e in shown["epochs"]] == [1]
     assert out == ""
     assert err.strip().splitlines() == [f"error: run {runs[0]['id']} failed: rank 1: ValueError: probe failure on rank 1 in epoch 2"]
+
+
+def test_ranks_whose_weights_drift_apart_fail_the_run_at_its_end(probe_site: Path, tmp_path: Path, run_cli: Any) -> None:
+    """The run's own check: every rank's sha256 of its weights after training must be rank 0's."""
+    db = tmp_path / "results.db"
+    drifting = ["--set", "training.strategy={name: 'probe:recorder', drift_on_rank: 1}", "--set", "training.epochs=2"]
+    code, _, err = launch(["run", SPEC, "--nproc", 2, "--db", db, "-q", *drifting], environment(probe_site))
+    assert code == 1, err
+    shown = details(run_cli, db, run_cli("runs", "--db", db, "--format", "json").json()[0]["id"])
+    assert shown["status"] == "failed" and len(shown["epochs"]) == 2
+    assert shown["error"].startswith("RunnerError: the processes hold different weights after training (sha256 rank 0 ")
+
+
+def test_gradual_unfreezing_through_a_dataloader_keeps_the_ranks_in_step(probe_site: Path, tmp_path: Path, run_cli: Any) -> None:
+    """tests/specs/resume.yaml: random crops through a DataLoader (torch's DistributedSampler), dropout, and a
+    new DistributedDataParallel wrapper when the backbone unfreezes in epoch 2. The run completes only if
+    every rank ends with rank 0's weights (the check above)."""
+    db = tmp_path / "results.db"
+    code, out, err = launch(["run", SPECS / "resume.yaml", "--nproc", 2, "--db", db, "-q"], environment(probe_site))
+    assert code == 0, err
+    shown = details(run_cli, db, out.strip())
+    assert shown["status"] == "completed" and len(shown["epochs"]) == 4
+    assert shown["settings"]["performance"]["batches"] == "DataLoader, 0 workers"
+    assert [s["trainable"] for s in shown["settings"]["model"]["stages"]] == ["head", "all"]
 
 
 def wait_for_epoch(db: Path, proc: subprocess.Popen[str], timeout: float = LAUNCH_TIMEOUT) -> str:
