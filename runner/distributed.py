@@ -45,7 +45,9 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from runner import rng
 from runner.data import Shard
@@ -227,8 +229,6 @@ class ProcessGroup(Collective):
     """One rank of a run started by torchrun, in the default process group."""
 
     def __init__(self, launch: Launch, device: torch.device, store: Any) -> None:
-        import torch.distributed as dist
-
         self.rank, self.world_size, self.local_world_size = launch.rank, launch.world_size, launch.local_world_size
         self.device = device
         self.shard = Shard(launch.rank, launch.world_size)
@@ -242,8 +242,6 @@ class ProcessGroup(Collective):
         return self.device if self.device is not None and self.device.type == "cuda" else None
 
     def from_rank0(self, compute: Callable[[], T]) -> T:
-        import torch.distributed as dist
-
         payload: list[Any] = [None]
         if self.rank == 0:
             try:
@@ -260,8 +258,6 @@ class ProcessGroup(Collective):
         return value
 
     def sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        import torch.distributed as dist
-
         for tensor in tensors:
             dist.all_reduce(tensor)
         return tensors
@@ -278,8 +274,6 @@ class ProcessGroup(Collective):
 
     def _broadcast(self, tensors: Any) -> None:
         """Rank 0's values into every rank's tensors, in place."""
-        import torch.distributed as dist
-
         with torch.no_grad():
             for tensor in tensors:
                 flat = tensor.contiguous()
@@ -288,8 +282,6 @@ class ProcessGroup(Collective):
                     tensor.copy_(flat)
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        from torch.nn.parallel import DistributedDataParallel
-
         if not any(p.requires_grad for p in module.parameters()):
             return module
         device_ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
@@ -309,8 +301,6 @@ class ProcessGroup(Collective):
             generator.manual_seed(rank_seed)
 
     def check_same_weights(self, model: nn.Module, when: str) -> None:
-        import torch.distributed as dist
-
         digests: list[Any] = [None] * self.world_size
         dist.all_gather_object(digests, weights_digest(model))
         if len(set(digests)) != 1:
@@ -342,8 +332,6 @@ class ProcessGroup(Collective):
         return f"torchrun … -m runner resume {run_id} (on {self.world_size} processes)"
 
     def leave(self) -> None:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -379,8 +367,6 @@ def _device_of(kind: str, launch: Launch) -> torch.device:
 
 def join(launch: Launch, decide_device: Callable[[], str]) -> ProcessGroup:
     """Join the process group: rank 0 decides the device (``decide_device()``), the backend follows from it."""
-    import torch.distributed as dist
-
     try:
         store, _rank, _world = next(dist.rendezvous("env://"))
     except ValueError as exc:  # a missing MASTER_ADDR / MASTER_PORT

@@ -401,7 +401,7 @@ def test_joining_pins_a_cuda_rank_to_its_local_gpu_with_nccl_and_a_cpu_rank_to_g
     assert cpu.device == torch.device("cpu")
 
     wrapped: dict[str, Any] = {}
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module, **kw: wrapped.update(kw) or module)
+    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda module, **kw: wrapped.update(kw) or module)
     second.wrap(torch.nn.Linear(2, 2))
     assert wrapped == {"device_ids": [1], "init_sync": False}  # the rank's GPU; no broadcast per stage
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
