@@ -98,8 +98,8 @@ def run(ctx: click.Context, spec: Path, overrides: tuple[str, ...], db: str | No
         quiet: bool, nproc: int | None) -> None:
     """Train the experiment in SPEC and print the new run's id.
 
-    Under torchrun (``torchrun --nproc-per-node N -m runner run SPEC``) every process trains a shard
-    and rank 0 stores the run; ``--nproc N`` starts torchrun's launcher on this machine.
+    Under torchrun (torchrun --nproc-per-node N -m runner run SPEC) every process trains a shard
+    and rank 0 stores the run; --nproc N starts torchrun's launcher on this machine.
     """
     from runner.spec import load_spec
 
