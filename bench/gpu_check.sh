@@ -14,8 +14,12 @@
 #        - experiments/vgg_transfer.yaml (its upstream vgg_pretrain.yaml runs first), and the VGG
 #          pretraining again with the switches off;
 #        - performance.compile=true on the quickstart (2 epochs) against eager;
-#        - bench/overhead.py (the store's share of a quickstart run).
-#   GPU_CHECK_ALLOW_CPU=1 runs the same steps on a machine without CUDA (a dry run of this script);
+#        - bench/overhead.py (the store's share of a quickstart run);
+#        - several GPUs (DistributedDataParallel, NCCL, one process per GPU): bench/distributed.py,
+#          1 GPU against all of them on the VGG pretraining then the VGG transfer; on a one-GPU
+#          machine, one rank through torchrun (NCCL, device pinning) on the quickstart instead.
+#   GPU_CHECK_ALLOW_CPU=1 runs the same steps on a machine without CUDA (a dry run of this script;
+#   section 6 then compares 1 and 2 processes with gloo);
 #   GPU_CHECK_SECTIONS="1 2 4" runs only those; GPU_CHECK_EPOCHS / GPU_CHECK_ROUNDS shorten them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,7 +78,7 @@ print(f"    performance: {json.dumps(d['settings'].get('performance'))} | featur
 EOF
 }
 
-want() { [[ " ${GPU_CHECK_SECTIONS:-1 2 3 4 5} " == *" $1 "* ]]; }
+want() { [[ " ${GPU_CHECK_SECTIONS:-1 2 3 4 5 6} " == *" $1 "* ]]; }
 OFF=(performance.amp=off performance.channels_last=off performance.cudnn_benchmark=off performance.pin_memory=off)
 
 if want 1; then
@@ -109,5 +113,20 @@ fi
 if want 5; then
 echo; echo "== 5. the store's share of a quickstart run (in-process)"
 "$PY" bench/overhead.py ${EPOCHS:+--epochs "$EPOCHS"}
+fi
+
+if want 6; then
+if [ "$DEVICE" = cuda ]; then NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count())"); else NPROC=2; fi
+if [ "$NPROC" -gt 1 ]; then
+    echo; echo "== 6. several GPUs: 1 against $NPROC processes ($DEVICE), VGG pretraining then transfer, batch_size per process"
+    "$PY" bench/distributed.py --vgg --device "$DEVICE" --nproc "$NPROC" --per-process-batch \
+        --rounds "${GPU_CHECK_ROUNDS:-1}" --epochs "${EPOCHS:-0}" || echo "several GPUs: FAILED"
+else
+    echo; echo "== 6. one GPU: the distributed path with one rank (torchrun, NCCL, LOCAL_RANK pinning), quickstart"
+    id=$("$PY" -m runner run -q --db "$WORK/d.db" experiments/quickstart.yaml --device cuda --nproc 1 \
+        --set "training.epochs=${EPOCHS:-2}" | tail -n 1) || echo "one rank: FAILED"
+    "$PY" -m runner show --db "$WORK/d.db" "$id" --format json | "$PY" -c \
+        "import json, sys; d = json.load(sys.stdin); print(d['status'], d['device'], d['settings']['distributed'], d['test'])"
+fi
 fi
 exit 0

@@ -47,13 +47,15 @@ def build(
     load_weights: bool = True,
     verify_weights: bool = False,
     device: torch.device | None = None,
+    shard: data_mod.Shard | None = None,
 ) -> RunParts:
     """The model (initialised from the global generators, then its weights loaded), loaders and strategy.
 
     :param data: the plan's dataset when the caller already loaded it.
     :param load_weights: load the plan's initial weights (not when a checkpoint replaces them).
     :param verify_weights: check the weights file still has the sha256 the plan recorded (resume).
-    :param device: another device than the plan's (``runner eval --device``).
+    :param device: another device than the plan's (``runner eval --device``; a process's own GPU).
+    :param shard: the part of each split this process iterates, in a distributed run.
     """
     spec = run_plan.spec
     device = device or torch.device(run_plan.device)
@@ -63,7 +65,7 @@ def build(
     model = build_run_model(run_plan, registries, load_weights=load_weights, verify_weights=verify_weights)
     if run_plan.performance.channels_last:  # here, so training, resume, eval and predict all see the same memory format
         model.to(memory_format=torch.channels_last)
-    loaders = build_loaders(run_plan, registries, data, device)
+    loaders = build_loaders(run_plan, registries, data, device, shard)
     return RunParts(model=model, strategy=build_strategy(spec, registries), device=device, **loaders)
 
 
@@ -89,8 +91,9 @@ def check_unchanged(weights: WeightsPlan) -> None:
         raise RunnerError(f"the run's initial weights ({weights.source}) changed since it was planned (sha256 differs): {weights.path}")
 
 
-def build_loaders(run_plan: RunPlan, registries: Registries, data: data_mod.LoadedData, device: torch.device) -> dict[str, Any]:
-    """Train, val and test batches, split and transformed as the plan says."""
+def build_loaders(run_plan: RunPlan, registries: Registries, data: data_mod.LoadedData, device: torch.device,
+                  shard: data_mod.Shard | None = None) -> dict[str, Any]:
+    """Train, val and test batches, split and transformed as the plan says (``shard``: this process's part of each split)."""
     spec = run_plan.spec
     split = data_mod.split_indices(data, spec)
     sizes = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
@@ -106,7 +109,8 @@ def build_loaders(run_plan: RunPlan, registries: Registries, data: data_mod.Load
 
     def loader(indices: Any, transform: Any, deterministic: bool, batch: int, shuffle: bool, offset: int) -> Any:
         subset = data_mod.Relabelled(data.dataset, indices, data.label_map, None)
-        return data_mod.make_loader(subset, transform, deterministic, batch, shuffle, spec.seed + offset, spec.data.num_workers, pin, on_device)
+        return data_mod.make_loader(subset, transform, deterministic, batch, shuffle, spec.seed + offset, spec.data.num_workers, pin, on_device,
+                                    shard)
 
     return {
         "train_loader": loader(split.train, train_transform, not random_train, spec.data.batch_size, True, 0),

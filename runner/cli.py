@@ -40,17 +40,32 @@ def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
-def _load_registries() -> Any:
+def _load_registries(warn: bool = True) -> Any:
     """The plugin registries, loaded once per command; every plugin that failed to load is one warning line on stderr.
 
-    A broken plugin only warns: a spec that does not use its names still runs.
+    A broken plugin only warns: a spec that does not use its names still runs. ``warn=False``: the
+    ranks other than 0 of a distributed run, which leave the warnings to rank 0.
     """
     from runner.registries import load_registries
 
     registries = load_registries()
-    for problem in registries.problems:
+    for problem in registries.problems if warn else ():
         click.echo(f"warning: {problem}", err=True)
     return registries
+
+
+nproc_option = click.option(
+    "--nproc", type=int, default=None, metavar="N",
+    help="Train with N processes on this machine (DistributedDataParallel through torchrun's launcher; one GPU each on CUDA).",
+)
+
+
+def _launch(ctx: click.Context, nproc: int, args: list[str]) -> None:
+    """This command again in ``nproc`` processes (torchrun's launcher, here); exits with its code."""
+    from runner.distributed import launch
+
+    debug = ctx.find_root().obj["debug"]
+    sys.exit(launch(nproc, [*(["--debug"] if debug else []), *args], debug=debug))
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -131,22 +146,43 @@ def _run_sweep(document: Any, db: str | None, artifacts: str | None, jobs: int, 
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sweep_options
 @worker_options
-def run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str | None, device: str | None, quiet: bool,
-        grid: tuple[str, ...], seeds: str | None, max_attempts: int | None, jobs: int, devices: str | None) -> None:
-    """Train the experiment in SPEC and print the new run's id; a sweep prints its id (see `runner sweep`)."""
-    from runner.execute import run_experiment
+@nproc_option
+@click.pass_context
+def run(ctx: click.Context, spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str | None, device: str | None,
+        quiet: bool, grid: tuple[str, ...], seeds: str | None, max_attempts: int | None, jobs: int, devices: str | None,
+        nproc: int | None) -> None:
+    """Train the experiment in SPEC and print the new run's id; a sweep prints its id (see `runner sweep`).
+
+    Under torchrun (torchrun --nproc-per-node N -m runner run SPEC) every process trains a shard
+    and rank 0 stores the run; --nproc N starts torchrun's launcher on this machine.
+    """
     from runner.spec import load_spec
     from runner.sweeps import load_sweep
 
     document = load_sweep(spec, [*overrides, *([f"device={device}"] if device else [])], grid, seeds, max_attempts)
     if document is not None:
+        if nproc is not None:
+            raise RunnerError("--nproc trains one run across processes; a sweep runs many: use -j N for its worker processes")
         _run_sweep(document, db, artifacts, jobs, devices, quiet)
         return
     if jobs != 1 or devices:
         raise RunnerError("-j and --devices run the workers of a sweep: add --sweep KEY=V1,V2 or --seeds, or sweep:/seeds: to the spec")
-    load_spec(spec, list(overrides))  # a bad spec must fail before the store is touched
-    registries = _load_registries()
-    outcome = run_experiment(spec, overrides, store=_store(db, artifacts), registries=registries, device=device, quiet=quiet)
+    checked = load_spec(spec, list(overrides))  # a bad spec must fail before the store is touched
+    if nproc is not None:
+        options = [*(["--db", db] if db else []), *(["--artifacts", artifacts] if artifacts else []),
+                   *(["--device", device] if device else []), *(["-q"] if quiet else [])]
+        _launch(ctx, nproc, ["run", str(spec), *[a for o in overrides for a in ("--set", o)], *options])
+    from runner import distributed
+    from runner.execute import run_experiment
+    from runner.plan import resolve_device
+
+    with distributed.session(lambda: str(resolve_device(device or checked.device)), ctx.find_root().obj["debug"]) as collective:
+        registries = _load_registries(warn=collective.is_writer)
+        store = _store(db, artifacts) if collective.is_writer else None  # one process writes the run
+        outcome = run_experiment(spec, overrides, store=store, registries=registries, device=device, quiet=quiet or not collective.is_writer,
+                                 collective=collective)
+    if not collective.is_writer:
+        return
     if not quiet:
         acc = outcome.test.get("accuracy")
         click.echo(f"run {outcome.run_id} completed: test accuracy {acc:.4f}", err=True)
@@ -157,11 +193,27 @@ def run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str |
 @click.argument("run_id")
 @db_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def resume(run_id: str, db: str | None, quiet: bool) -> None:
-    """Continue an interrupted, failed or lost run from its last checkpoint, into the same run id."""
+@nproc_option
+@click.pass_context
+def resume(ctx: click.Context, run_id: str, db: str | None, quiet: bool, nproc: int | None) -> None:
+    """Continue an interrupted, failed or lost run from its last checkpoint, into the same run id.
+
+    A run trained by N processes continues on N processes: --nproc N, or torchrun.
+    """
+    if nproc is not None:
+        _launch(ctx, nproc, ["resume", run_id, *(["--db", db] if db else []), *(["-q"] if quiet else [])])
+    from runner import distributed
     from runner.resume import resume_run
 
-    outcome = resume_run(run_id, _store(db, create=False), _load_registries(), quiet=quiet)
+    def run_device() -> str:
+        return str(_store(db, create=False).query.run_row(run_id)["device"] or "cpu")
+
+    with distributed.session(run_device, ctx.find_root().obj["debug"]) as collective:
+        store = _store(db, create=False) if collective.is_writer else None
+        outcome = resume_run(run_id, store, _load_registries(warn=collective.is_writer), quiet=quiet or not collective.is_writer,
+                             collective=collective)
+    if not collective.is_writer:
+        return
     if not quiet:
         click.echo(f"run {outcome.run_id} completed: test accuracy {outcome.test.get('accuracy'):.4f}", err=True)
     click.echo(outcome.run_id)
@@ -228,6 +280,10 @@ def show(run_id: str, db: str | None, fmt: str) -> None:
                 "stop_reason", "best_epoch", "best_val_accuracy", "spec_hash", "git_commit"):
         line(key, details[key])
     line("weights", details["weights"])
+    distributed = (details["settings"] or {}).get("distributed") or {}
+    if distributed.get("backend"):  # trained by torchrun's processes
+        line("processes", f"{distributed['world_size']} ({distributed['backend']}), "
+                          f"global batch {distributed['global_batch_size']} ({distributed['batch_size_per_process']} per process)")
     line("plugins", _plugins_text(details["plugins"]))
     for params_line in _params_lines(details):
         click.echo(_printable(params_line))

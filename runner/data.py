@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from runner.errors import RunnerError, SpecError
 from runner.interfaces import DatasetRequest
@@ -167,16 +167,40 @@ class Relabelled(Dataset):
         return image, self.label_map[int(label)]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The part of every split one process of a distributed run iterates (rank ``rank`` of ``world_size``).
+
+    Training: torch's :class:`DistributedSampler`, seeded with the run's seed, reshuffled by
+    ``set_epoch``: the ranks' batches of step ``i`` together are batch ``i`` of one process with
+    ``world_size`` times the batch size, the same samples whatever the number of processes (when
+    ``world_size`` divides the split; otherwise the sampler repeats a few samples to even the
+    shards). Evaluation: every ``world_size``-th sample from ``rank``, no sample twice and none
+    left out, so sums over the shards are sums over the split.
+    """
+
+    rank: int
+    world_size: int
+
+    def sampler(self, size: int, shuffle: bool, seed: int) -> Any:
+        if shuffle:
+            return DistributedSampler(range(size), num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed,
+                                      drop_last=False)
+        return range(self.rank, size, self.world_size)
+
+
 class TensorBatches:
     """Batches of a pre-transformed in-memory split: a seeded permutation and tensor indexing.
 
     It replaces a DataLoader when every sample is already a tensor in memory; the permutation comes
-    from the same kind of seeded generator, so runs stay reproducible.
+    from the same kind of seeded generator, so runs stay reproducible. With a ``sampler`` (a
+    :class:`Shard`'s, in a distributed run) the order and the samples are the sampler's, as a
+    DataLoader with that sampler would give them.
     """
 
     def __init__(
         self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
-        generator: torch.Generator | None, draws_base_seed: bool = False,
+        generator: torch.Generator | None, draws_base_seed: bool = False, sampler: Any = None,
     ) -> None:
         self.images = images
         self.labels = labels
@@ -186,12 +210,20 @@ class TensorBatches:
         # a DataLoader draws a worker base seed from its generator before shuffling; standing in for
         # one (the feature cache), the same draw keeps the order of samples identical
         self.draws_base_seed = draws_base_seed
+        self.sampler = sampler  # as a DataLoader's: ``set_epoch`` reshuffles a distributed one
         self.dataset = images  # len(loader.dataset), as with a DataLoader
 
     def __len__(self) -> int:
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+        size = len(self.sampler) if self.sampler is not None else len(self.labels)
+        return (size + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.sampler is not None:
+            order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                yield self.images[idx], self.labels[idx]
+            return
         n = len(self.labels)
         if self.draws_base_seed:
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
@@ -242,25 +274,29 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     on_device: Any = None,
+    shard: Shard | None = None,
 ) -> Any:
     """Batches of ``subset``: pre-transformed tensors for in-memory data with deterministic transforms, else a DataLoader.
 
     ``on_device``: a device the pre-transformed tensors move to once (batches are then indexed there,
-    no copy per batch); the plan decides whether they fit.
+    no copy per batch); the plan decides whether they fit. ``shard``: this process's part of a
+    distributed run (see :class:`Shard`; its sampler is seeded with ``seed``).
     """
     generator = torch.Generator().manual_seed(seed)
+    sampler = shard.sampler(len(subset), shuffle, seed) if shard is not None else None
     if isinstance(subset.base, InMemoryImages) and deterministic_transform:
         images, labels = pretransform(subset, transform)
         if on_device is not None:
             images, labels = images.to(on_device), labels.to(on_device)
         elif pin_memory:
             images, labels = images.pin_memory(), labels.pin_memory()
-        return TensorBatches(images, labels, batch_size, shuffle, generator)
+        return TensorBatches(images, labels, batch_size, shuffle, generator, sampler=sampler)
     subset.transform = transform
     return DataLoader(
         subset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=generator,
         num_workers=num_workers,
         worker_init_fn=seed_worker if num_workers else None,
@@ -270,7 +306,7 @@ def make_loader(
 
 
 __all__ = [
-    "InMemoryImages", "SplitIndices", "stratified_split", "Relabelled", "TensorBatches", "make_loader",
+    "InMemoryImages", "SplitIndices", "stratified_split", "Relabelled", "Shard", "TensorBatches", "make_loader",
     "dataset_targets", "dataset_classes", "Subset", "LoadedData", "load_data", "split_indices", "image_mode",
     "batches_in_memory",
 ]

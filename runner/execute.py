@@ -20,16 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 from runner import data as data_mod
 from runner.build import RunParts, build
+from runner.distributed import ONE_PROCESS, Collective
 from runner.errors import RunnerError, RunTakenOver, SpecError, StoreError
 from runner.files import sha256_file
-from runner.lifecycle import StopBeating, heartbeat, signals_deferred, stop_on_signals
+from runner.lifecycle import StopBeating, heartbeat, signals_deferred, signals_ignored, stop_on_signals
 from runner.manage import apply_retention
 from runner.performance import applied
 from runner.plan import RunPlan, UpstreamWeights, named_weights, plan
 from runner.rng import preserved, seed_everything
 from runner.spec import Spec, load_spec
 from runner.store import Store, new_owner
-from runner.training import apply_stage, fit
+from runner.training import SilentRecorder, apply_stage, fit
 from runner.upstream import experiment_chain, find_upstream, upstream_experiment
 from runner.version import __version__
 
@@ -45,18 +46,19 @@ class TrainingFailed(Exception):
 
     exit_code = 1
 
-    def __init__(self, run_id: str, error: BaseException, unrecorded: BaseException | None = None) -> None:
+    def __init__(self, run_id: str, error: str, unrecorded: BaseException | None = None) -> None:
         note = f"; the run could not be marked failed: {unrecorded}" if unrecorded is not None else ""
-        super().__init__(f"run {run_id} failed: {type(error).__name__}: {error}{note}")
+        super().__init__(f"run {run_id} failed: {error}{note}")
         self.run_id = run_id
 
 
 class RunInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped training; the run is stored as ``interrupted`` and can be resumed."""
 
-    def __init__(self, run_id: str, signal_name: str, checkpoint_epoch: int) -> None:
+    def __init__(self, run_id: str, signal_name: str, checkpoint_epoch: int, resume_command: str | None = None) -> None:
         kept = f"its last checkpoint is epoch {checkpoint_epoch}" if checkpoint_epoch else "no epoch had finished"
-        super().__init__(f"run {run_id} interrupted by {signal_name}; {kept}: continue it with 'runner resume {run_id}'")
+        super().__init__(f"run {run_id} interrupted by {signal_name}; {kept}: continue it with "
+                         f"'{resume_command or f'runner resume {run_id}'}'")
         self.run_id = run_id
         self.exit_code = 143 if signal_name == "SIGTERM" else 130
 
@@ -139,19 +141,22 @@ def _progress_factory(quiet: bool) -> Any:
 # Before planning: the things a plan needs to exist
 
 
-def ensure_upstream(spec: Spec, store: Store, registries: Registries, base_dir: str, quiet: bool) -> UpstreamWeights | None:
-    """The run whose checkpoint gives the spec its weights; an upstream experiment without one runs now."""
+def ensure_upstream(spec: Spec, store: Store, registries: Registries, base_dir: str, quiet: bool,
+                    collective: Collective = ONE_PROCESS) -> UpstreamWeights | None:
+    """The run whose checkpoint gives the spec its weights; an upstream experiment without one runs now
+    (in a distributed run, rank 0 looks in the store and every rank trains the upstream run)."""
     path = upstream_experiment(spec, base_dir)
-    found = find_upstream(spec, store, registries, base_dir)
+    found = collective.from_rank0(lambda: find_upstream(spec, store, registries, base_dir))
     if found is not None:
-        if path is not None:
+        if path is not None and collective.is_writer:
             print(f"reusing upstream run {found.run_id} of {path}", file=sys.stderr)
         return found
     if path is None:  # {run: ID} names a run that must exist; find_upstream said why it cannot be used
         return None
-    print(f"no completed run of {path} in the store: running it first", file=sys.stderr)
-    run_experiment(path, store=store, registries=registries, quiet=quiet)
-    return find_upstream(spec, store, registries, base_dir)
+    if collective.is_writer:
+        print(f"no completed run of {path} in the store: running it first", file=sys.stderr)
+    run_experiment(path, store=store, registries=registries, quiet=quiet, collective=collective)
+    return collective.from_rank0(lambda: find_upstream(spec, store, registries, base_dir))
 
 
 def fetch_named_weights(spec: Spec, registries: Registries) -> None:
@@ -176,46 +181,62 @@ def run_experiment(
     device: str | None = None,
     quiet: bool = True,
     base_dir: str | None = None,
+    collective: Collective = ONE_PROCESS,
 ) -> RunOutcome:
     """Plan and build everything, then train into a new run of ``store``.
 
     ``base_dir`` is where relative paths in the spec point (default: the spec file's directory,
     or the working directory for a mapping); ``runner reproduce`` passes the original run's.
+    In a distributed run every rank calls this with its ``collective``; only rank 0 has a ``store``.
     """
     overrides = list(overrides) + ([f"device={device}"] if device else [])
     spec = load_spec(source, overrides)
     if base_dir is None:
         base_dir = str(Path(source).parent) if isinstance(source, (str, Path)) else "."
     experiment_chain(spec, base_dir, Path(source) if isinstance(source, (str, Path)) else None)  # a cycle fails before any work
-    upstream = ensure_upstream(spec, store, registries, base_dir, quiet)
-    fetch_named_weights(spec, registries)
+    upstream = ensure_upstream(spec, store, registries, base_dir, quiet, collective)
     data = data_mod.load_data(spec, registries, base_dir)
-    run_plan = plan(spec, registries, base_dir=base_dir, upstream=upstream, data=data)
-    parts = setup(run_plan, registries, data=data)
-    summary = model_summary(parts.model, run_plan.data.input_shape, parts.device)
-    owner = new_owner()
-    run_id = record_new_run(store, run_plan, summary, owner)
-    return train_run(store, run_id, owner, run_plan, parts, store.run_dir(run_id), quiet)
+
+    def plan_run() -> RunPlan:
+        fetch_named_weights(spec, registries)
+        return plan(spec, registries, base_dir=base_dir, upstream=upstream, data=data, world_size=collective.planned_world_size)
+
+    run_plan = collective.from_rank0(plan_run)  # the same plan on every rank
+    parts = setup(run_plan, registries, data=data, collective=collective)
+    run_id, owner, run_dir = collective.from_rank0(lambda: start_run(store, run_plan, parts))
+    return train_run(store, run_id, owner, run_plan, parts, run_dir, quiet, collective=collective)
 
 
 def setup(run_plan: RunPlan, registries: Registries, *, data: data_mod.LoadedData | None = None,
-          checkpoint: dict[str, Any] | None = None, verify_weights: bool = False) -> RunParts:
+          checkpoint: dict[str, Any] | None = None, verify_weights: bool = False,
+          collective: Collective = ONE_PROCESS) -> RunParts:
     """Seed, build the plan's model, loaders and strategy, and ready the model for epoch 1.
 
     With a ``checkpoint`` (resume) the model takes its weights from it; training then restores every
     random generator from it. Without one, the generators are seeded again after building, so the
     first epoch draws the same numbers however much building drew. ``verify_weights`` checks that
-    the initial weights file still has the sha256 the plan recorded (a plan stored long ago).
+    the initial weights file still has the sha256 the plan recorded (a plan stored long ago). In a
+    distributed run only rank 0 reads weights files; every rank then holds rank 0's weights.
     """
     spec = run_plan.spec
     seed_everything(spec.seed, spec.deterministic)
-    parts = build(run_plan, registries, data=data, load_weights=checkpoint is None, verify_weights=verify_weights)
+    parts = build(run_plan, registries, data=data, load_weights=checkpoint is None and collective.is_writer,
+                  verify_weights=verify_weights, device=collective.device, shard=collective.shard)
     if checkpoint is None:
         apply_stage(parts.model, parts.strategy.stage(1))
     else:  # the weights now, before training computes anything from them (e.g. cached backbone features)
         parts.model.load_state_dict(checkpoint["model"])
+    collective.prepare(parts.model, run_plan.distributed.sync_batchnorm)
     seed_everything(spec.seed, spec.deterministic)
     return parts
+
+
+def start_run(store: Store, run_plan: RunPlan, parts: RunParts) -> tuple[str, str, Path]:
+    """The new run's row (see :func:`record_new_run`): its id, owner token and artefacts directory."""
+    summary = model_summary(parts.model, run_plan.data.input_shape, parts.device)
+    owner = new_owner()
+    run_id = record_new_run(store, run_plan, summary, owner)
+    return run_id, owner, store.run_dir(run_id)
 
 
 def record_new_run(store: Store, run_plan: RunPlan, summary: str, owner: str) -> str:
@@ -251,17 +272,6 @@ def run_columns(run_plan: RunPlan, summary: str) -> dict[str, Any]:
     )
 
 
-def record_failure(store: Store, run_id: str, owner: str, exc: BaseException) -> StoreError | None:
-    """Store the run as ``failed`` with the error and its traceback; the store's own error when it cannot."""
-    try:
-        with signals_deferred(raise_after=False):
-            store.runs.finish(run_id, "failed", owner=owner, error=f"{type(exc).__name__}: {exc}",
-                              traceback=traceback.format_exc(), stop_reason="error")
-    except StoreError as unrecorded:
-        return unrecorded
-    return None
-
-
 class _Fence:
     """The heartbeat's view of the run's ownership: when another process took the run over, the
     heartbeat stops and interrupts the main thread, which then stops without writing."""
@@ -281,7 +291,7 @@ class _Fence:
 
 def train_run(
     store: Store, run_id: str, owner: str, run_plan: RunPlan, parts: RunParts, run_dir: Path, quiet: bool = True,
-    resume_from: dict[str, Any] | None = None,
+    resume_from: dict[str, Any] | None = None, collective: Collective = ONE_PROCESS,
 ) -> RunOutcome:
     """Train into the existing run ``run_id``, as its ``owner``, and store how it ended: completed, interrupted or failed.
 
@@ -289,15 +299,20 @@ def train_run(
     any other exception leaves it ``failed`` with the error and traceback; the epochs already
     stored stay either way. A heartbeat thread keeps the run from showing as lost while this
     process lives. When another process has taken the run over (:class:`RunTakenOver`), this one
-    stops without writing anything more.
+    stops without writing anything more. In a distributed run rank 0 does all this (a failure of
+    another rank is the run's error); the other ranks train alongside (:func:`follow_run`).
     """
+    if not collective.is_writer:
+        return follow_run(run_id, run_plan, parts, run_dir, resume_from, collective)
     recorder = StoreRecorder(store, run_id, owner, int(resume_from["epoch"]) if resume_from else 0)
     fence = _Fence(store, run_id, owner, run_plan.heartbeat_s)
     with stop_on_signals():
         try:
             # threads and cudnn.benchmark are process-wide: set for training, then restored
             with heartbeat(fence.beat, run_plan.heartbeat_s), applied(run_plan.performance):
-                result = fit(run_plan, parts, recorder, run_dir, _progress_factory(quiet), resume_from=resume_from)
+                result = fit(run_plan, parts, recorder, run_dir, _progress_factory(quiet), resume_from=resume_from,
+                             collective=collective)
+                collective.check_same_weights(parts.model, "after training")
                 with signals_deferred(raise_after=False):  # finished: a late signal changes nothing
                     test = {k: v for k, v in result.test.items() if k != "confusion"}
                     store.runs.save_split_metrics(run_id, "test", test, owner=owner)
@@ -310,16 +325,47 @@ def train_run(
         except KeyboardInterrupt as exc:
             if fence.lost is not None:
                 raise fence.lost from None
+            elsewhere = collective.failure_elsewhere()  # torchrun stops the other ranks (SIGTERM) when one fails
+            if elsewhere is not None:
+                raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
             signal_name = getattr(exc, "signal_name", "SIGINT")
             with signals_deferred(raise_after=False):
                 store.runs.finish(run_id, "interrupted", owner=owner, stop_reason=f"interrupted by {signal_name}")
-            raise RunInterrupted(run_id, signal_name, recorder.checkpoint_epoch) from None
+            raise RunInterrupted(run_id, signal_name, recorder.checkpoint_epoch, collective.resume_command(run_id)) from None
         except Exception as exc:
-            raise TrainingFailed(run_id, exc, record_failure(store, run_id, owner, exc)) from exc
+            # a rank that failed first explains a broken connection here (not an error rank 0 found itself)
+            elsewhere = None if isinstance(exc, RunnerError) else collective.failure_elsewhere()
+            if elsewhere is not None:
+                raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
+            raise _failed(store, run_id, owner, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
     # only now: until the run completed, its last checkpoint was what a resume would start from
     apply_retention(store, run_id, run_plan.spec.checkpoints.keep)
     return RunOutcome(run_id, "completed", test)
 
 
-__all__ = ["run_experiment", "setup", "train_run", "record_new_run", "run_columns", "RunOutcome", "RunInterrupted", "TrainingFailed",
-           "RunnerError", "SpecError"]
+def _failed(store: Store, run_id: str, owner: str, error: str, trace: str) -> TrainingFailed:
+    """Store the run ``failed`` with ``error`` and its traceback; the exception to raise (saying so
+    when the store cannot even record the failure: it is full, read-only, damaged)."""
+    try:
+        with signals_deferred(raise_after=False):
+            store.runs.finish(run_id, "failed", owner=owner, error=error, traceback=trace, stop_reason="error")
+    except StoreError as unrecorded:
+        return TrainingFailed(run_id, error, unrecorded)
+    return TrainingFailed(run_id, error)
+
+
+def follow_run(run_id: str, run_plan: RunPlan, parts: RunParts, run_dir: Path, resume_from: dict[str, Any] | None,
+               collective: Collective) -> RunOutcome:
+    """A rank other than 0 of a distributed run: the same training on its shard, writing nothing.
+
+    It ignores SIGINT and SIGTERM (rank 0 decides how the run ends) and stops with an error when
+    rank 0 is gone; an error of its own goes to rank 0 (see :func:`runner.distributed.session`).
+    """
+    with signals_ignored(), applied(run_plan.performance):
+        result = fit(run_plan, parts, SilentRecorder(), run_dir, None, resume_from=resume_from, collective=collective)
+        collective.check_same_weights(parts.model, "after training")
+    return RunOutcome(run_id, "completed", {k: v for k, v in result.test.items() if k != "confusion"})
+
+
+__all__ = ["run_experiment", "setup", "train_run", "follow_run", "start_run", "record_new_run", "run_columns", "RunOutcome", "RunInterrupted",
+           "TrainingFailed", "RunnerError", "SpecError"]

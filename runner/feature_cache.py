@@ -6,6 +6,10 @@ images through the same frozen backbone. Computing those features once (eval mod
 training the head on them gives the same updates at a fraction of the cost. Features are cached on
 disk beside the store, keyed on the backbone's weights, the transforms and the data, so a second
 head-only experiment on the same backbone skips the extraction too.
+
+In a distributed run rank 0 alone extracts (or reads) the features of every split, once, and hands
+them to the other ranks by broadcast (no shared filesystem needed); each rank then trains and
+evaluates on its shard of them, as it would on images.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from runner.data import TensorBatches
+from runner.distributed import ONE_PROCESS, Collective
 from runner.interfaces import Strategy
 from runner.models import head_names, select_trainable
 from runner.spec import Spec
@@ -152,13 +157,32 @@ def cache_key(plan: RunPlan, model: nn.Module) -> str:
     return digest.hexdigest()[:24]
 
 
-def build(plan: RunPlan, parts: RunParts, cache_dir: Path) -> CachedFeatures:
+def build(plan: RunPlan, parts: RunParts, cache_dir: Path, collective: Collective = ONE_PROCESS) -> CachedFeatures:
     """Features for every split, from disk when cached (see :func:`blocker` for when this is exact)."""
     model, device = parts.model, parts.device
     head = getattr(model, head_names(model)[0])
+    splits = {"train": parts.train_loader, "val": parts.val_loader, "test": parts.test_loader}
+    features, reused, key = collective.from_rank0(lambda: _features(plan, model, head, splits, device, cache_dir))
+    loaders = {}
+    for split, loader in splits.items():
+        inputs, labels = features[split]
+        if device.type == "cuda":
+            inputs, labels = inputs.to(device), labels.to(device)
+        train = split == "train"
+        loaders[split] = TensorBatches(
+            inputs, labels, loader.batch_size, shuffle=train,
+            generator=getattr(loader, "generator", None) if train else None,
+            draws_base_seed=train and not isinstance(loader, TensorBatches),
+            sampler=collective.shard.sampler(len(labels), train, plan.spec.seed) if collective.shard else None,
+        )
+    return CachedFeatures(head, loaders["train"], loaders["val"], loaders["test"], reused, key)
+
+
+def _features(plan: RunPlan, model: nn.Module, head: nn.Module, splits: dict[str, Any], device: torch.device,
+              cache_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], bool, str]:
+    """(features, labels) of every whole split on the CPU, read from the cache or extracted and saved; reused?; the key."""
     key = cache_key(plan, model)
     path = cache_dir / f"{key}.pt"
-    splits = {"train": parts.train_loader, "val": parts.val_loader, "test": parts.test_loader}
     reused = path.is_file()
     if reused:
         stored = load_tensors(path, f"feature cache {path}")
@@ -174,14 +198,4 @@ def build(plan: RunPlan, parts: RunParts, cache_dir: Path) -> CachedFeatures:
         finally:
             model.train(was_training)
         save_tensors({k: {"features": f, "labels": y} for k, (f, y) in features.items()}, path)
-    loaders = {}
-    for split, loader in splits.items():
-        inputs, labels = features[split]
-        if device.type == "cuda":
-            inputs, labels = inputs.to(device), labels.to(device)
-        loaders[split] = TensorBatches(
-            inputs, labels, loader.batch_size, shuffle=split == "train",
-            generator=getattr(loader, "generator", None) if split == "train" else None,
-            draws_base_seed=split == "train" and not isinstance(loader, TensorBatches),
-        )
-    return CachedFeatures(head, loaders["train"], loaders["val"], loaders["test"], reused, key)
+    return features, reused, key

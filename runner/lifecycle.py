@@ -116,6 +116,24 @@ def signals_deferred(raise_after: bool = True) -> Iterator[None]:
             raise Interrupted(signum)
 
 
+@contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM do nothing; the previous handlers come back after.
+
+    The ranks other than 0 of a distributed run train inside: rank 0 alone decides whether a signal
+    interrupts the run (torchrun passes a signal on to every rank); the others stop when rank 0 is gone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class StopBeating(Exception):
     """Raised by a beat to end the heartbeat for good (the run is no longer this process's)."""
 
@@ -145,5 +163,5 @@ def heartbeat(beat: Callable[[], None], interval: float) -> Iterator[None]:
 
 __all__ = [
     "DEFAULT_HEARTBEAT_S", "HEARTBEAT_ENV", "MIN_HEARTBEAT_S", "Interrupted", "StopBeating", "heartbeat", "heartbeat_interval",
-    "signals_deferred", "stop_on_signals",
+    "signals_deferred", "signals_ignored", "stop_on_signals",
 ]

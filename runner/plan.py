@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from runner import data as data_mod
-from runner import feature_cache, performance, rng
+from runner import distributed, feature_cache, performance, rng
 from runner.errors import RunnerError, SpecError
 from runner.files import sha256_file
 from runner.interfaces import NamedWeights, Stage, Strategy
@@ -107,6 +107,25 @@ class FeatureCachePlan:
 
 
 @dataclass(frozen=True)
+class DistributedPlan:
+    """How many processes train the run (``torchrun``, ``--nproc``) and what follows from it.
+
+    ``data.batch_size`` is each process's batch; the optimizer steps on the global batch.
+    """
+
+    world_size: int  # 1 also for one process without torch.distributed (backend None)
+    backend: str | None  # "nccl" on CUDA, "gloo" otherwise; None: one process, no process group
+    batch_size_per_process: int
+    global_batch_size: int
+    sync_batchnorm: bool
+    sync_batchnorm_reason: str | None  # why it is off
+
+    @classmethod
+    def one_process(cls, batch_size: int) -> DistributedPlan:
+        return cls(1, None, batch_size, batch_size, False, "one process")
+
+
+@dataclass(frozen=True)
 class UpstreamWeights:
     """A completed run whose best checkpoint gives the weights (``{run: …}`` or ``{experiment: …}``)."""
 
@@ -130,6 +149,7 @@ class RunPlan:
     feature_cache: FeatureCachePlan
     plugins: tuple[dict[str, Any], ...]  # distribution and version of every plugin whose names the run uses
     heartbeat_s: float
+    distributed: DistributedPlan
     used_names: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -169,6 +189,7 @@ class RunPlan:
             "feature_cache_reason": self.feature_cache.reason,
             "plugins": list(self.plugins),
             "used_names": self.used_names,
+            "distributed": asdict(self.distributed),
         }
 
     @classmethod
@@ -199,6 +220,8 @@ class RunPlan:
             feature_cache=FeatureCachePlan(cache == "on", settings.get("feature_cache_reason")),
             plugins=tuple(settings.get("plugins", [])),
             heartbeat_s=float(settings["heartbeat_s"]),
+            distributed=(DistributedPlan(**settings["distributed"]) if settings.get("distributed")
+                         else DistributedPlan.one_process(spec.data.batch_size)),
             used_names=dict(settings.get("used_names", {})),
         )
 
@@ -215,6 +238,7 @@ def plan(
     upstream: UpstreamWeights | None = None,
     data: data_mod.LoadedData | None = None,
     read_weights: bool = True,
+    world_size: int | None = None,
 ) -> RunPlan:
     """Check the whole spec and decide everything about its run; raise :class:`RunnerError` on any problem.
 
@@ -223,15 +247,18 @@ def plan(
         without it such a spec is refused (the caller resolves, or runs, upstream experiments first).
     :param data: the spec's dataset when the caller already loaded it (it is then not loaded again).
     :param read_weights: hash the weights file (False: describe the weights without opening any file).
+    :param world_size: the number of processes of a distributed run (None: one process, no process group).
     """
     with rng.preserved():
-        return _plan(spec, registries, base_dir, upstream, data, read_weights)
+        return _plan(spec, registries, base_dir, upstream, data, read_weights, world_size)
 
 
 def _plan(spec: Spec, registries: Registries, base_dir: str, upstream: UpstreamWeights | None,
-          data: data_mod.LoadedData | None, read_weights: bool) -> RunPlan:
+          data: data_mod.LoadedData | None, read_weights: bool, world_size: int | None) -> RunPlan:
     spec = resolve_spec(spec, registries)
     device = resolve_device(spec.device)
+    if world_size is not None:
+        distributed.check_device(spec.device, device)
     data = data if data is not None else data_mod.load_data(spec, registries, base_dir)
     set_num_classes(spec, len(data.class_names))
     split = data_mod.split_indices(data, spec)
@@ -296,6 +323,7 @@ def _plan(spec: Spec, registries: Registries, base_dir: str, upstream: UpstreamW
         feature_cache=cache,
         plugins=tuple(registries.used_plugins(used_names)),
         heartbeat_s=heartbeat_interval(),
+        distributed=distributed_plan(spec, device, model, world_size),
         used_names=used_names,
     )
 
@@ -415,6 +443,14 @@ def feature_cache_decision(spec: Spec, registries: Registries, model: nn.Module,
     return FeatureCachePlan(reason is None, reason)
 
 
+def distributed_plan(spec: Spec, device: torch.device, model: nn.Module, world_size: int | None) -> DistributedPlan:
+    batch = spec.data.batch_size
+    if world_size is None:
+        return DistributedPlan.one_process(batch)
+    sync, reason = distributed.sync_batchnorm_decision(spec.performance.sync_batchnorm, device, model, world_size)
+    return DistributedPlan(world_size, distributed.backend_for(device), batch, batch * world_size, sync, reason)
+
+
 def describe_batches(in_memory: bool, on_device: bool, pinned: bool, workers: int, device: torch.device) -> str:
     """How training batches are made, as the run records it."""
     if in_memory:
@@ -482,6 +518,6 @@ def stored_plan(row: dict[str, Any], registries: Registries) -> RunPlan:
 
 
 __all__ = [
-    "RunPlan", "DataPlan", "ModelPlan", "StagePlan", "WeightsPlan", "FeatureCachePlan", "UpstreamWeights",
+    "RunPlan", "DataPlan", "ModelPlan", "StagePlan", "WeightsPlan", "FeatureCachePlan", "UpstreamWeights", "DistributedPlan",
     "plan", "resolve_spec", "check_names", "resolve_device", "build_strategy", "stored_plan", "named_weights",
 ]

@@ -93,6 +93,13 @@ def _plugin_versions(row: dict[str, Any]) -> dict[str, str | None]:
     return {p["plugin"]: p.get("version") for p in json.loads(row.get("plugins_json") or "[]")}
 
 
+def _processes(row: dict[str, Any]) -> str:
+    distributed = json.loads(row.get("settings_json") or "{}").get("distributed") or {}
+    if not distributed.get("backend"):
+        return "1 (no torchrun)"
+    return f"{distributed['world_size']} ({distributed['backend']})"
+
+
 def version_warnings(original: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """One line per recorded version (Python, torch, torchvision, runner, each plugin) or device that changed."""
     lines = []
@@ -101,6 +108,8 @@ def version_warnings(original: dict[str, Any], current: dict[str, Any]) -> list[
             lines.append(f"{label} was {original.get(column)} for run {original['id']}, now {current.get(column)}")
     if original.get("device") != current.get("device"):
         lines.append(f"device was {original.get('device')} for run {original['id']}, now {current.get('device')}")
+    if _processes(original) != _processes(current):  # reproduce trains in one process: other batches
+        lines.append(f"processes were {_processes(original)} for run {original['id']}, now {_processes(current)}")
     before, now = _plugin_versions(original), _plugin_versions(current)
     for plugin in sorted(set(before) | set(now)):
         if before.get(plugin) != now.get(plugin):

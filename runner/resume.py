@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runner.distributed import ONE_PROCESS, Collective
 from runner.errors import RunnerError
 from runner.execute import RunOutcome, setup, train_run
 from runner.files import remove_stale_temporaries
@@ -86,19 +87,47 @@ def resumed_columns(state: dict[str, Any] | None) -> dict[str, Any]:
             "best_val_accuracy": max((h["val_accuracy"] for h in history if h["val_accuracy"] is not None), default=None)}
 
 
-def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = True) -> RunOutcome:
-    """Continue the run ``run_id`` (an id or unique prefix) in ``store`` and return how it ended."""
-    row = store.query.run_row(run_id)
-    check_resumable(row)
-    run_plan = resumed_plan(row, registries, store)
-    run_dir = store.artifacts_dir(row)
-    state = load_last_checkpoint(run_dir)
-    parts = setup(run_plan, registries, checkpoint=state, verify_weights=True)
-    owner = new_owner()
-    store.runs.claim_for_resume(row["id"], int(state["epoch"]) if state else 0, run_plan.heartbeat_s, owner=owner,
-                                **resumed_columns(state))
-    remove_leftovers(run_dir)
-    return train_run(store, row["id"], owner, run_plan, parts, run_dir, quiet, resume_from=state)
+def check_processes(run_id: str, run_plan: RunPlan, collective: Collective) -> None:
+    """A run continues on as many processes as it started with: the global batch, and so the training, depend on it."""
+    trained = run_plan.distributed.world_size if run_plan.distributed.backend else None
+    if trained == collective.planned_world_size:
+        return
+    if trained is None:
+        raise RunnerError(f"run {run_id} was trained by one process: resume it without --nproc or torchrun")
+    raise RunnerError(f"run {run_id} was trained by {trained} processes (global batch {run_plan.distributed.global_batch_size}): "
+                      f"resume it with --nproc {trained} (or torchrun with {trained} processes)")
+
+
+def resume_run(run_id: str, store: Store | None, registries: Registries, quiet: bool = True,
+               collective: Collective = ONE_PROCESS) -> RunOutcome:
+    """Continue the run ``run_id`` (an id or unique prefix) in ``store`` and return how it ended.
+
+    In a distributed run rank 0 reads the run and its checkpoint and hands both to the other ranks
+    (which have no ``store``).
+    """
+
+    def read_run() -> tuple[dict[str, Any], RunPlan, Path, dict[str, Any] | None]:
+        assert store is not None
+        row = store.query.run_row(run_id)
+        check_resumable(row)
+        run_plan = resumed_plan(row, registries, store)
+        check_processes(row["id"], run_plan, collective)
+        run_dir = store.artifacts_dir(row)
+        return row, run_plan, run_dir, load_last_checkpoint(run_dir)
+
+    row, run_plan, run_dir, state = collective.from_rank0(read_run)
+    parts = setup(run_plan, registries, checkpoint=state, verify_weights=True, collective=collective)
+
+    def claim() -> str:
+        assert store is not None
+        owner = new_owner()
+        store.runs.claim_for_resume(row["id"], int(state["epoch"]) if state else 0, run_plan.heartbeat_s, owner=owner,
+                                    **resumed_columns(state))
+        remove_leftovers(run_dir)
+        return owner
+
+    owner = collective.from_rank0(claim)
+    return train_run(store, row["id"], owner, run_plan, parts, run_dir, quiet, resume_from=state, collective=collective)
 
 
 __all__ = ["resume_run", "resumed_plan", "resumed_columns", "check_resumable", "load_last_checkpoint", "remove_leftovers"]

@@ -17,10 +17,15 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_generators(seed: int) -> None:
+    """Python's, NumPy's and torch's (CPU and CUDA) global generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    seed_generators(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -69,4 +74,4 @@ def preserved() -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
-__all__ = ["seed_everything", "global_state", "restore_global_state", "preserved"]
+__all__ = ["seed_generators", "seed_everything", "global_state", "restore_global_state", "preserved"]

@@ -289,8 +289,11 @@ class PerformanceSpec(_Strict):
     cudnn_benchmark: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA unless deterministic")
     pin_memory: Literal["auto", "on", "off"] = Field("auto", description="page-locked batches; auto: on for CUDA")
     compile: bool = Field(False, description="torch.compile the trained module")
+    sync_batchnorm: Literal["auto", "on", "off"] = Field(
+        "auto", description="several processes: BatchNorm statistics over the global batch; auto: on CUDA only"
+    )
 
-    @field_validator("channels_last", "amp", "cudnn_benchmark", "pin_memory", mode="before")
+    @field_validator("channels_last", "amp", "cudnn_benchmark", "pin_memory", "sync_batchnorm", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         # true/false mean on/off (and a YAML 1.1 reader would have turned on/off into booleans)

@@ -13,6 +13,7 @@ from torch import nn
 
 from runner import feature_cache, rng
 from runner.build import RunParts
+from runner.distributed import ONE_PROCESS, Collective
 from runner.interfaces import Stage, Strategy, TrainingContext
 from runner.lifecycle import signals_deferred
 from runner.models import freeze, select_trainable, set_train_mode
@@ -54,6 +55,16 @@ def check_finite(epoch: int, metrics: dict[str, float], first_bad_batch: int | N
         where = f"epoch {epoch}" + (f", batch {first_bad_batch}" if name == "train_loss" and first_bad_batch else "")
         also = " (or training.nonfinite_validation: continue to go on)" if name.startswith("val_") else ""
         raise TrainingDiverged(f"{name} is {value} at {where}: {DIVERGED_HINT}{also}")
+
+
+class SilentRecorder:
+    """The recorder of a process that records nothing: the ranks other than 0 of a distributed run."""
+
+    def epoch_done(self, epoch: int, metrics: dict[str, float], duration_s: float, best_epoch: int | None, best_val_accuracy: float | None) -> None:
+        pass
+
+    def checkpoint_saved(self, kind: str, epoch: int, path: Path) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------------------------
@@ -125,8 +136,12 @@ def train_one_epoch(
     progress: Any = None,
     speed: Performance = PLAIN,
     scaler: Any = None,
+    reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] = ONE_PROCESS.sum,
 ) -> dict[str, float]:
-    """One pass over ``loader``; ``speed`` adds autocast and the memory format, ``scaler`` fp16 loss scaling."""
+    """One pass over ``loader``; ``speed`` adds autocast and the memory format, ``scaler`` fp16 loss scaling.
+
+    ``reduce`` adds the sums of the other processes of a distributed run (each passed over its shard).
+    """
     # sums stay on the device: no host sync (.item()) inside the loop
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -159,19 +174,24 @@ def train_one_epoch(
         losses.append(loss.detach())
         if progress is not None:
             progress.update(1)
+    loss_sum, correct, count = reduce([loss_sum, correct, torch.tensor(seen, device=device)])
+    seen = int(count.item())
     result = {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen}
-    if not math.isfinite(result["loss"]):
+    if not math.isfinite(result["loss"]):  # this process's first bad batch (another rank's, when it has none)
         bad = (~torch.isfinite(torch.stack(losses))).nonzero()
         result["first_nonfinite_batch"] = int(bad[0]) + 1 if len(bad) else 0
     return result
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable, loss_fn: nn.Module, device: torch.device, num_classes: int) -> dict[str, Any]:
+def evaluate(model: nn.Module, loader: Iterable, loss_fn: nn.Module, device: torch.device, num_classes: int,
+             reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] = ONE_PROCESS.sum) -> dict[str, Any]:
     """Loss, accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted).
 
     Mixed precision applies when called inside an autocast context; a channels_last model gets its
-    batches converted by the convolutions themselves, with the same numbers.
+    batches converted by the convolutions themselves, with the same numbers. ``reduce`` adds the
+    loss sums, counts and confusion matrices of the other processes of a distributed run, so the
+    metrics are those of the whole split.
     """
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -184,6 +204,8 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: nn.Module, device: tor
         loss_sum += loss_fn(logits, labels).float() * labels.shape[0]
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
         seen += labels.shape[0]
+    loss_sum, confusion, count = reduce([loss_sum, confusion, torch.tensor(seen, device=device)])
+    seen = int(count.item())
     matrix = confusion.view(num_classes, num_classes).cpu()
     true_pos = matrix.diag().double()
     precision = true_pos / matrix.sum(0).clamp(min=1)
@@ -290,11 +312,14 @@ def early_stop_reason(stopper: EarlyStopping) -> str:
 def fit(
     run_plan: RunPlan, parts: RunParts, recorder: Recorder, run_dir: Path,
     progress_factory: Callable[[int, str], Any] | None = None, resume_from: dict[str, Any] | None = None,
+    collective: Collective = ONE_PROCESS,
 ) -> FitResult:
     """Train, validate and checkpoint epoch by epoch, then evaluate on the test split.
 
     ``resume_from`` (a run's last checkpoint, see :func:`training_state`) continues after its epoch
-    exactly as the run would have gone on.
+    exactly as the run would have gone on. In a distributed run (``collective``) every rank trains
+    its shard through DistributedDataParallel, metrics are summed over the ranks, every rank takes
+    rank 0's decisions, and only rank 0 records and writes checkpoints.
     """
     spec, model, device, strategy = run_plan.spec, parts.model, parts.device, parts.strategy
     num_classes = run_plan.num_classes
@@ -304,7 +329,7 @@ def fit(
     # what the loop feeds: the model on images, or only its head on cached backbone features
     net, train_loader, val_loader, test_loader = model, parts.train_loader, parts.val_loader, parts.test_loader
     if run_plan.feature_cache.enabled:
-        cached = feature_cache.build(run_plan, parts, run_dir.parent / ".feature_cache")
+        cached = feature_cache.build(run_plan, parts, run_dir.parent / ".feature_cache", collective)
         net, train_loader, val_loader, test_loader = cached.head, cached.train_loader, cached.val_loader, cached.test_loader
     speed = run_plan.performance  # AMP, memory format, torch.compile: decided by the plan
     net, scaler = speed.compiled(net), speed.new_grad_scaler(device)
@@ -317,8 +342,10 @@ def fit(
     stop_reason = f"completed {epochs} epochs"
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     first_epoch = 1
+    trained = net  # what the optimizer steps through: DistributedDataParallel around `net` in a distributed run
     if resume_from is not None:
         stage, optimizer, scheduler = restore_training_state(resume_from, run_plan, parts, stopper, history)
+        trained = collective.wrap(net)
         first_epoch = int(resume_from["epoch"]) + 1
         if stopper.should_stop:  # it had stopped early: only the test evaluation was left
             first_epoch, stop_reason = epochs + 1, early_stop_reason(stopper)
@@ -329,18 +356,22 @@ def fit(
         if next_stage != stage:  # a new stage freezes/unfreezes and starts a fresh optimizer
             stage = next_stage
             apply_stage(model, stage)
+            trained = collective.wrap(net)  # over the parameters that train now
             optimizer = build_optimizer(spec, model, stage)
             scheduler = build_scheduler(spec, optimizer)
+        collective.start_epoch(epoch, train_loader, spec.seed)
         set_train_mode(model)
         progress = progress_factory(len(train_loader), f"epoch {epoch}/{epochs}") if progress_factory else None
         train = train_one_epoch(
-            net, train_loader, optimizer, loss_fn, device, spec.training.grad_clip,
-            strategy.on_batch, progress, speed=speed, scaler=scaler,
+            trained, train_loader, optimizer, loss_fn, device, spec.training.grad_clip,
+            strategy.on_batch, progress, speed=speed, scaler=scaler, reduce=collective.sum,
         )
+        collective.share_buffers(model)
         with speed.autocast(device):
-            val = evaluate(net, val_loader, loss_fn, device, num_classes)
+            val = evaluate(net, val_loader, loss_fn, device, num_classes, reduce=collective.sum)
         metrics = {"train_loss": train["loss"], "train_accuracy": train["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         metrics.update(strategy_metrics(strategy, epoch, metrics))
+        metrics = collective.from_rank0(lambda: metrics)  # early stopping and schedulers decide alike on every rank
         if progress is not None:
             progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", val_acc=f"{metrics['val_accuracy']:.4f}")
             progress.close()
@@ -353,22 +384,25 @@ def fit(
         # epoch's rows), never behind.
         with signals_deferred():
             improved = stopper.update(epoch, metrics)
-            best_val = max(h["val_accuracy"] for h in history)
-            recorder.epoch_done(epoch, metrics, time.perf_counter() - started, stopper.best_epoch, best_val)
+            if collective.is_writer:  # one process writes a run: rank 0 of a distributed one
+                best_val = max(h["val_accuracy"] for h in history)
+                recorder.epoch_done(epoch, metrics, time.perf_counter() - started, stopper.best_epoch, best_val)
+            # every rank holds rank 0's metrics: all of them stop here alike
             check_finite(epoch, metrics, train.get("first_nonfinite_batch"), spec.training.nonfinite_validation)
-            if improved:
-                save_checkpoint(recorder, "best", epoch, model.state_dict(), best_path)
-            save_checkpoint(recorder, "last", epoch, training_state(epoch, model, optimizer, scheduler, stopper, history, parts.train_loader),
-                            last_path)
-            if spec.checkpoints.keep == "all":  # one model state dict per epoch, kept after the run
-                save_checkpoint(recorder, f"epoch-{epoch:03d}", epoch, model.state_dict(), run_dir / f"epoch-{epoch:03d}.pt")
+            if collective.is_writer:
+                if improved:
+                    save_checkpoint(recorder, "best", epoch, model.state_dict(), best_path)
+                save_checkpoint(recorder, "last", epoch, training_state(epoch, model, optimizer, scheduler, stopper, history, parts.train_loader),
+                                last_path)
+                if spec.checkpoints.keep == "all":  # one model state dict per epoch, kept after the run
+                    save_checkpoint(recorder, f"epoch-{epoch:03d}", epoch, model.state_dict(), run_dir / f"epoch-{epoch:03d}.pt")
         if stopper.should_stop:
             stop_reason = early_stop_reason(stopper)
             break
 
     restore_best = spec.training.early_stopping is not None and spec.training.early_stopping.restore_best
     if restore_best and stopper.best_epoch is not None and stopper.best_epoch != len(history):
-        model.load_state_dict(load_tensors(best_path, f"best checkpoint {best_path}"))
+        model.load_state_dict(collective.from_rank0(lambda: load_tensors(best_path, f"best checkpoint {best_path}")))
     with speed.autocast(device):
-        test = evaluate(net, test_loader, loss_fn, device, num_classes)
+        test = evaluate(net, test_loader, loss_fn, device, num_classes, reduce=collective.sum)
     return FitResult(epochs_run=len(history), stop_reason=stop_reason, best_epoch=stopper.best_epoch, history=history, test=test)

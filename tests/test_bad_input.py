@@ -227,6 +227,9 @@ CASES = [
     Case("sweep-flag-without-values", "`--sweep` without `=`", lambda t: _run(spec(t, BASE), "--sweep", "training.epochs"), "--sweep expects KEY=VALUE[,VALUE...]"),
     Case("jobs-without-sweep", "`-j` for a spec that is not a sweep", lambda t: _run(spec(t, BASE), "-j", "2"), "-j and --devices run the workers of a sweep"),
     Case("worker-unknown-sweep", "`runner worker --sweep` naming no sweep of the store", lambda t: ["worker", "--db", _new_store(t), "--sweep", "nope"], "no sweep 'nope' (an id, id prefix or name) in "),
+    Case("nproc-zero", "`--nproc` below 1", lambda t: _run(spec(t, BASE), "--nproc", "0"), "--nproc must be at least 1, got 0"),
+    Case("nproc-under-torchrun", "`--nproc` in a process torchrun started", lambda t: _run(spec(t, BASE), "--nproc", "2"), "--nproc starts torchrun, but this process already runs under torchrun; leave --nproc out", env={"RANK": "0", "WORLD_SIZE": "2"}),
+    Case("torchrun-env-incomplete", "torchrun's `RANK` and `WORLD_SIZE` without `MASTER_ADDR`", lambda t: _run(spec(t, BASE)), "cannot join the other processes: Error initializing torch.distributed using env:// rendezvous: environment variable MASTER_ADDR expected, but not set", env={"RANK": "0", "WORLD_SIZE": "2"}),
 ]
 
 

@@ -291,8 +291,8 @@ def test_early_stopping_stops_on_a_plateau_and_restores_the_best_weights(tmp_pat
     scripted = iter([0.9, 0.5, 0.5, 0.6])  # improves until epoch 2, then a plateau
     real_evaluate = training.evaluate
 
-    def evaluate(model, loader, loss_fn, device, num_classes):
-        result = real_evaluate(model, loader, loss_fn, device, num_classes)
+    def evaluate(model, loader, loss_fn, device, num_classes, **kwargs):
+        result = real_evaluate(model, loader, loss_fn, device, num_classes, **kwargs)
         if loader is parts.val_loader:
             result["loss"] = next(scripted)
         return result
