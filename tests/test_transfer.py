@@ -302,6 +302,7 @@ def test_early_stopping_stops_on_a_plateau_and_restores_the_best_weights(tmp_pat
     class Recorder:
         def epoch_done(self, *args, **kwargs): pass
         def checkpoint_saved(self, *args, **kwargs): pass
+        def check_owner(self): pass
 
     result = training.fit(run_plan, parts, Recorder(), tmp_path / "run")
     assert result.epochs_run == 4 and result.best_epoch == 2
