@@ -58,6 +58,11 @@ def runs_list(store: Store, status: str | None = None, name: str | None = None, 
     return [{**{k: row[k] for k in SUMMARY_KEYS}, "started_at": _iso(row["started_at"]), "tags": tagged.get(row["id"], [])} for row in rows]
 
 
+def count_runs(store: Store, status: str | None = None, name: str | None = None, tags: Sequence[str] = ()) -> int:
+    """How many runs :func:`runs_list` would list without a limit."""
+    return store.query.count_runs(RunFilter(status=status, name_glob=name, tags=tuple(tags)))
+
+
 def run_details(store: Store, run_id: str) -> dict[str, Any]:
     """``runner show``: the summary keys plus spec, epochs, test metrics, weights and provenance."""
     row = store.query.run_row(run_id)
