@@ -157,6 +157,8 @@ def parse_since(text: str | None, now: datetime | None = None) -> datetime | Non
 
 def parse_where(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
     """``model.name=cnn`` → (("model.name", "cnn"),); values are YAML scalars, as with ``--set``."""
+    if not items:
+        return ()  # without --where, the report need not import the spec's pydantic models and YAML
     from runner.spec import parse_override
 
     pairs = []
