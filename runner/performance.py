@@ -2,10 +2,11 @@
 
 ``auto`` picks, per device, what is fast where it keeps the numbers trustworthy:
 
-* ``channels_last``: on for models with 2-D convolutions on CPU and CUDA. On a 2-core CPU it made
-  an epoch of the quickstart CNN about 22% faster (``bench/channels_last.py``); on CUDA it is the
-  layout tensor cores want. (In one short measurement torchvision's resnet18 on CPU was about 10%
-  slower with it: measure, and set it off for such models.)
+* ``channels_last``: on for models with 2-D convolutions on CUDA, the layout tensor cores want; on
+  the CPU only for narrow ones (at most 64 output channels): a training step of the quickstart CNN
+  (32 and 64 channels) took 24% less CPU time with it (``bench/channels_last.py`` measures whole
+  epochs), while torchvision's vgg11_bn at 32x32 took 24% more and resnet18 at 64x64 (both up to
+  512 channels) 20-45% more (oneDNN on a 2-core Xeon, measured under load, best of 2-3).
 * ``amp``: bf16 autocast on CUDA devices that support it, else fp16 with a gradient scaler. Off on
   CPU, where bf16 changes the numbers and its speed depends on the processor (on the EPYC machine
   this was developed on, ``amp: bf16`` made a quickstart epoch about 30% faster: opt in there).
@@ -134,10 +135,22 @@ def _switch(value: str, auto: bool) -> bool:
     return auto if value == "auto" else value == "on"
 
 
-def has_conv2d(model: Any) -> bool:
+CPU_CHANNELS_LAST_MAX_WIDTH = 64
+
+
+def conv2d_width(model: Any) -> int:
+    """The most output channels of any 2-D convolution of ``model`` (0: none); works on the ``meta`` device."""
     from torch import nn
 
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return max((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), default=0)
+
+
+def channels_last_pays(device: Any, model: Any) -> bool:
+    """Where ``channels_last: auto`` turns it on (see the module docstring for the measurements)."""
+    width = conv2d_width(model)
+    if device.type == "cuda":
+        return width > 0
+    return device.type == "cpu" and 0 < width <= CPU_CHANNELS_LAST_MAX_WIDTH
 
 
 def amp_for(requested: str, device: Any) -> str | None:
@@ -166,7 +179,7 @@ def resolve(spec: Any, device: Any, model: Any) -> Performance:
     amp = amp_for(wanted.amp, device)
     return Performance(
         threads=int(wanted.threads or torch.get_num_threads()),
-        channels_last=_switch(wanted.channels_last, device.type in ("cpu", "cuda") and has_conv2d(model)),
+        channels_last=_switch(wanted.channels_last, channels_last_pays(device, model)),
         amp=amp,
         grad_scaler=amp == "fp16",
         cudnn_benchmark=_switch(wanted.cudnn_benchmark, cuda and not spec.deterministic),
