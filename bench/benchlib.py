@@ -69,6 +69,12 @@ class Version:
     def runner(self) -> list[str]:
         return [sys.executable, "-m", "runner"]
 
+    def schema_version(self) -> int:
+        """The store schema this version writes (a store built by one version is read by another only when they agree)."""
+        out = subprocess.run([sys.executable, "-c", "from runner.store import SCHEMA_VERSION; print(SCHEMA_VERSION)"],
+                             env=self.env(), capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
 
 CURRENT = Version("current", ROOT)
 

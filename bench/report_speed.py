@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -44,14 +43,8 @@ VARIANTS = [  # the target applies to these
 FOR_INFORMATION = [["report", "-o", "report.html"]]
 
 
-def schema_version(version: Version) -> int:
-    out = subprocess.run([sys.executable, "-c", "from runner.store import SCHEMA_VERSION; print(SCHEMA_VERSION)"],
-                         env=version.env(), capture_output=True, text=True, check=True)
-    return int(out.stdout)
-
-
 def store_for(version: Version, rows: int, directory: Path) -> Path:
-    path = directory / f"metric_rows{rows}_schema{schema_version(version)}.db"
+    path = directory / f"metric_rows{rows}_schema{version.schema_version()}.db"
     if not path.exists():
         built = build_store(path, rows // ROWS_PER_RUN, EPOCHS, version)
         print(f"  built {path.name} ({built['runs']:,} runs, {built['epoch_metrics']:,} metric rows) with {version.label} "

@@ -38,17 +38,11 @@ IMPORT_CHECK = (
 )
 
 
-def schema_version(version: Version) -> int:
-    out = subprocess.run([sys.executable, "-c", "from runner.store import SCHEMA_VERSION; print(SCHEMA_VERSION)"],
-                         env=version.env(), capture_output=True, text=True, check=True)
-    return int(out.stdout)
-
-
 def stores_for(version: Version, directory: Path) -> dict[int, Path]:
     """The two stores this version reads, built by its own store code (reused when they exist)."""
     paths = {}
     for runs, epochs in ((SMALL, 20), (BIG, 2)):
-        path = directory / f"runs{runs}_schema{schema_version(version)}.db"
+        path = directory / f"runs{runs}_schema{version.schema_version()}.db"
         if not path.exists():
             built = build_store(path, runs, epochs, version)
             print(f"  built {path.name} with {version.label} in {built['build_s']:.0f} s", flush=True)

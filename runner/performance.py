@@ -12,7 +12,10 @@
   this was developed on, ``amp: bf16`` made a quickstart epoch about 30% faster: opt in there).
 * ``cudnn_benchmark``: on for CUDA unless the spec asks for ``deterministic: true``.
 * ``pin_memory``: on for CUDA (page-locked host batches, copied with ``non_blocking=True``).
-* ``threads``: torch's own default (``OMP_NUM_THREADS`` or the machine's cores) unless set.
+* ``threads``: torch's own default (``OMP_NUM_THREADS`` or the machine's cores) unless set. With
+  passive waiting (below) that stays the better default under load too: on 2 cores under a load of
+  8 to 13, a quickstart epoch took 16.5-19.1 s with two passive threads and 19.2-20.4 s with one
+  (and one thread rounds differently, so a run's numbers would depend on the load).
 * ``compile``: ``torch.compile`` the module the loop trains, only when asked (compiling costs time).
 
 The resolved values go into the run's settings (``settings["performance"]``) so a run says how it
@@ -49,9 +52,10 @@ def contention_environment(environ: MutableMapping[str, str] | None = None) -> d
 
     OpenMP's default lets a thread that waits for the others spin for a few milliseconds. Alone on
     the machine that saves a wake-up; with other processes on the same cores the spinning thread
-    takes the time slice the thread it waits for needs, and every parallel operation waits a slice
-    (measured: a quickstart epoch of 30 s instead of 2.9 s under a load of 3 on 2 cores; see
-    ``bench/contention.py``). Passive waiting sleeps at once. For a launcher's worker processes too.
+    takes the time slice the thread it waits for needs, and every parallel operation waits a slice.
+    Measured on 2 cores: a quickstart epoch took 30 s instead of 2.9 s under a load of 3, and 61-130 s
+    instead of 16.5-19.1 s under a load of 8 to 13 (``bench/contention.py`` measures whole runs).
+    Passive waiting sleeps at once. For a launcher's worker processes too.
     """
     environ = os.environ if environ is None else environ
     if any(name in environ for name in _WAIT_CHOSEN_BY):
