@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -362,7 +363,7 @@ def test_vgg_transfer_pretrains_upstream_once_then_reuses_it(run_cli, db: Path, 
     # timing is measured by hand and quoted in the README).
     experiments = tmp_path / "experiments"
     experiments.mkdir()
-    (experiments / "vgg_pretrain.yaml").write_text((EXPERIMENTS / "vgg_pretrain.yaml").read_text().replace("  epochs: 5\n", "  epochs: 1\n"))
+    (experiments / "vgg_pretrain.yaml").write_text(re.sub(r"\n  epochs: \d+[^\n]*\n", "\n  epochs: 1\n", (EXPERIMENTS / "vgg_pretrain.yaml").read_text()))
     (experiments / "vgg_transfer.yaml").write_text((EXPERIMENTS / "vgg_transfer.yaml").read_text().replace("  epochs: 60\n", "  epochs: 4\n"))
     first = run_cli("run", experiments / "vgg_transfer.yaml", "--db", db, "-q")
     assert first.exit_code == 0, first.err
