@@ -66,12 +66,17 @@ class Version:
         env["PYTHONPATH"] = os.pathsep.join([str(self.root), *filter(None, [os.environ.get("PYTHONPATH")])])
         return env
 
+    def python(self) -> list[str]:
+        """The interpreter, kept from putting the working directory first on ``sys.path`` (``-m`` and ``-c``
+        would otherwise import the ``runner`` of whatever checkout the bench was started in)."""
+        return [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
+
     def runner(self) -> list[str]:
-        return [sys.executable, "-m", "runner"]
+        return [*self.python(), "-m", "runner"]
 
     def schema_version(self) -> int:
         """The store schema this version writes (a store built by one version is read by another only when they agree)."""
-        out = subprocess.run([sys.executable, "-c", "from runner.store import SCHEMA_VERSION; print(SCHEMA_VERSION)"],
+        out = subprocess.run([*self.python(), "-c", "from runner.store import SCHEMA_VERSION; print(SCHEMA_VERSION)"],
                              env=self.env(), capture_output=True, text=True, check=True)
         return int(out.stdout)
 

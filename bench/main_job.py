@@ -31,7 +31,7 @@ def run(version: Version, spec: str, db: Path) -> tuple[float, float, int]:
                      env=version.env(), cwd=db.parent)
     code = ("import json, sys\nfrom runner.reports import run_details\nfrom runner.store import Store\n"
             "d = run_details(Store(sys.argv[1], create=False), sys.argv[2])\nprint(json.dumps([d['test_accuracy'], d['epochs_run']]))")
-    shown = subprocess.run([sys.executable, "-c", code, str(db), result.stdout.strip().splitlines()[-1]], env=version.env(),
+    shown = subprocess.run([*version.python(), "-c", code, str(db), result.stdout.strip().splitlines()[-1]], env=version.env(),
                            capture_output=True, text=True, check=True)
     accuracy, epochs = json.loads(shown.stdout)
     return result.wall_s, accuracy, epochs

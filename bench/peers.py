@@ -68,7 +68,7 @@ def recorded_switches(version: Version, device: str, tmp: Path) -> dict[str, Any
     code = ("import json, sys\nfrom runner.reports import run_details\nfrom runner.store import Store\n"
             "d = run_details(Store(sys.argv[1], create=False), sys.argv[2])\n"
             "print(json.dumps({'performance': d['settings']['performance'], 'device': d['device']}))")
-    shown = subprocess.run([sys.executable, "-c", code, str(db), out.stdout.strip().splitlines()[-1]], env=version.env(),
+    shown = subprocess.run([*version.python(), "-c", code, str(db), out.stdout.strip().splitlines()[-1]], env=version.env(),
                            capture_output=True, text=True, check=True)
     return json.loads(shown.stdout)
 
@@ -100,8 +100,10 @@ def main() -> None:
             "plain": ([sys.executable, str(PLAIN_LOOP), *common, "--threads", str(perf["threads"]), "--amp", perf["amp"] or "off",
                        *(["--cudnn-benchmark"] if perf["cudnn_benchmark"] else [])], None),
         }
+        side_version: dict[str, Version] = {}
         for version in measured:
             side = "runner" if version.label == "current" else f"runner [{version.label}]"
+            side_version[side] = version
             commands[side] = ([*version.runner(), "run", "-q", str(SPEC), "--set", f"training.epochs={args.epochs}",
                                "--device", args.device], version.env())
         if lightning is not None:
@@ -120,7 +122,7 @@ def main() -> None:
             result = measure(command, env=env, cwd=work)
             runs[side].append(result)
             if side.startswith("runner"):
-                losses[side].append(runner_losses(result.stdout.strip().splitlines()[-1], work / "results.db", env))
+                losses[side].append(runner_losses(result.stdout.strip().splitlines()[-1], work / "results.db", side_version[side]))
             else:
                 out = json.loads(result.stdout.strip().splitlines()[-1])
                 losses[side].append({"epochs": out["epochs"], "test": {k: out["test"][k] for k in ("loss", "accuracy", "f1_macro")}})
@@ -153,12 +155,12 @@ def main() -> None:
     print(f"lightning / plain: {ratio('lightning'):.3f}" if "lightning" in commands else f"lightning / plain: skipped ({why})")
 
 
-def runner_losses(run_id: str, db: Path, env: dict[str, str] | None) -> dict[str, Any]:
+def runner_losses(run_id: str, db: Path, version: Version) -> dict[str, Any]:
     code = ("import json, sys\nfrom runner.reports import run_details\nfrom runner.store import Store\n"
             "d = run_details(Store(sys.argv[1], create=False), sys.argv[2])\n"
             "print(json.dumps({'epochs': [{k: e[k] for k in ('train_loss', 'val_loss', 'val_accuracy')} for e in d['epochs']],"
             " 'test': {k: d['test'][k] for k in ('loss', 'accuracy', 'f1_macro')}}))")
-    shown = subprocess.run([sys.executable, "-c", code, str(db), run_id], env=env, capture_output=True, text=True, check=True)
+    shown = subprocess.run([*version.python(), "-c", code, str(db), run_id], env=version.env(), capture_output=True, text=True, check=True)
     return json.loads(shown.stdout)
 
 

@@ -72,7 +72,7 @@ def main() -> None:
         torch_check = {}
         for version in measured:
             for label, argv, store, _ in COMMANDS:
-                check = subprocess.run([sys.executable, "-c", IMPORT_CHECK, *argv, *(["--db", str(stores[version.label][store])] if store else [])],
+                check = subprocess.run([*version.python(), "-c", IMPORT_CHECK, *argv, *(["--db", str(stores[version.label][store])] if store else [])],
                                        cwd=cwd, env=version.env(), capture_output=True, text=True)
                 torch_check[(version.label, label)] = (check.stderr.strip().splitlines() or ["?"])[-1]
 
