@@ -63,12 +63,17 @@ def main() -> None:
         stores = {v.label: stores_for(v, store_dir) for v in measured}
         cwd = Path(tmp)
         times: dict[tuple[str, str], list[float]] = {("python", "python -c pass"): []}
+        cpu: dict[tuple[str, str], list[float]] = {}  # CPU seconds: what other processes' load changes least
         for i in range(args.n):
             order = [(v, c) for v in measured for c in COMMANDS]
             for version, (label, argv, store, _) in (order if i % 2 == 0 else order[::-1]):
-                times.setdefault(("python", "python -c pass"), []).append(measure([sys.executable, "-c", "pass"], cwd=cwd).wall_s)
+                bare = measure([sys.executable, "-c", "pass"], cwd=cwd)
+                times[("python", "python -c pass")].append(bare.wall_s)
+                cpu.setdefault(("python", "python -c pass"), []).append(bare.cpu_s)
                 command = [*version.runner(), *argv, *(["--db", str(stores[version.label][store])] if store else [])]
-                times.setdefault((version.label, label), []).append(measure(command, env=version.env(), cwd=cwd).wall_s)
+                result = measure(command, env=version.env(), cwd=cwd)
+                times.setdefault((version.label, label), []).append(result.wall_s)
+                cpu.setdefault((version.label, label), []).append(result.cpu_s)
         torch_check = {}
         for version in measured:
             for label, argv, store, _ in COMMANDS:
@@ -78,12 +83,13 @@ def main() -> None:
 
     python = median(times[("python", "python -c pass")])
     print(f"python -c pass: median {python:.3f} s of {len(times[('python', 'python -c pass')])} processes")
-    print(f"{'command':34} {'version':28} {'median s':>9} {'min s':>7} {'over python':>12}  torch?")
+    python_cpu = median(cpu[("python", "python -c pass")])
+    print(f"{'command':34} {'version':28} {'median s':>9} {'min s':>7} {'over python':>12} {'cpu over python':>16}  torch?")
     for version in measured:
         for label, _, _, _ in COMMANDS:
             values = times[(version.label, label)]
-            print(f"{label:34} {version.label:28} {median(values):9.3f} {min(values):7.3f} {median(values) - python:+12.3f}  "
-                  f"{torch_check[(version.label, label)]}")
+            print(f"{label:34} {version.label:28} {median(values):9.3f} {min(values):7.3f} {median(values) - python:+12.3f} "
+                  f"{median(cpu[(version.label, label)]) - python_cpu:+16.3f}  {torch_check[(version.label, label)]}")
     print(header("at the end"))
     for version in reversed(measured):  # this checkout's verdicts last
         for label, _, _, target in COMMANDS:
