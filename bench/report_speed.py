@@ -91,10 +91,10 @@ def main() -> int:
     print(f"{'command':96} {'version':10} " + " ".join(f"{n:>15,}" for n in sizes) + "  growth")
     for c, command in enumerate(commands):
         for version in measured:
-            cells = " ".join(f"{seconds(version.label, n, c):7.2f} ({peak(version.label, n, c) >> 20:4d})" for n in sizes)
-            worst, slope = growth({n: seconds(version.label, n, c) for n in sizes}) if len(sizes) > 1 else (0.0, 0.0)
+            cells = " ".join(f"{seconds(version.label, n, c):7.2f} ({peak(version.label, n, c) / 2**20:4.0f})" for n in sizes)
+            trend = "x{:.2f} slope {:.2f}".format(*growth({n: seconds(version.label, n, c) for n in sizes})) if len(sizes) > 1 else "-"
             note = "" if command in VARIANTS else "  (for information)"
-            print(f"{'runner ' + ' '.join(command):96} {version.label[:10]:10} {cells}  x{worst:.2f} slope {slope:.2f}{note}")
+            print(f"{'runner ' + ' '.join(command):96} {version.label[:10]:10} {cells}  {trend}{note}")
     print(header("at the end"))
     largest = sizes[-1]
     for version in reversed(measured):  # this checkout's verdicts last
