@@ -20,13 +20,11 @@ import json
 import time
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from plain_loop import build_cnn, normalised
-from runner.data import stratified_split
+from plain_loop import build_cnn, split_tensors
 
 
 class IndexedTensors(Dataset):
@@ -137,13 +135,7 @@ def main() -> None:
     device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    arrays = np.load(args.data)
-    images, targets = torch.from_numpy(arrays["images"]), arrays["labels"].astype("int64")
-    num_classes = int(targets.max()) + 1
-    split = stratified_split(targets, (0.7, 0.15, 0.15), seed=args.seed)
-    labels = torch.from_numpy(targets)
-    parts = {name: (normalised(images[torch.as_tensor(idx)]).to(device), labels[torch.as_tensor(idx)].to(device))
-             for name, idx in (("train", split.train), ("val", split.val), ("test", split.test))}
+    parts, num_classes = split_tensors(args.data, args.seed, device)
 
     def loader(name: str, generator: torch.Generator | None) -> DataLoader:
         data = IndexedTensors(*parts[name])
