@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -64,15 +65,29 @@ def timed_fit(epochs: int, size: int, cache: str, workdir: Path, device: str = "
     return time.perf_counter() - started, result, run_plan.feature_cache.describe()
 
 
+def runner_process_defaults() -> None:
+    """What ``runner run`` sets before torch loads (OpenMP's wait policy), so both trainings run as the command's would.
+
+    A baseline whose runner has no such defaults keeps OpenMP's, as its command did.
+    """
+    try:
+        from runner.performance import contention_defaults
+    except ImportError:
+        return
+    contention_defaults()
+
+
 def worker(epochs: int, size: int, device: str) -> dict:
     """Both trainings in this process (the runner on PYTHONPATH): seconds, metrics' largest difference, accuracies."""
+    runner_process_defaults()
     with tempfile.TemporaryDirectory() as tmp:
         cached_s, cached, state = timed_fit(epochs, size, "auto", Path(tmp), device)
         plain_s, plain, _ = timed_fit(epochs, size, "off", Path(tmp), device)
     worst = max(abs(a[k] - b[k]) for a, b in zip(cached.history, plain.history) for k in a)
     worst = max(worst, *(abs(cached.test[k] - plain.test[k]) for k in ("loss", "accuracy", "f1_macro")))
     return {"cached_s": cached_s, "plain_s": plain_s, "worst": worst, "state": state,
-            "cached_accuracy": cached.test["accuracy"], "plain_accuracy": plain.test["accuracy"]}
+            "cached_accuracy": cached.test["accuracy"], "plain_accuracy": plain.test["accuracy"],
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def main() -> None:
@@ -99,7 +114,7 @@ def main() -> None:
         speedup = r["plain_s"] / r["cached_s"]
         met = speedup >= TARGET and r["worst"] <= 1e-4
         prefix = "" if label == "current" else f"[{label}] "
-        print(f"{prefix}cache state: {r['state']}; training phase {r['cached_s']:.2f} s with the cache, {r['plain_s']:.2f} s without; "
+        print(f"{prefix}cache state: {r['state']}; OMP_WAIT_POLICY {r['omp_wait_policy']}; training phase {r['cached_s']:.2f} s with the cache, {r['plain_s']:.2f} s without; "
               f"largest metric difference {r['worst']:.2e} (target <= 1e-4); test accuracy {r['cached_accuracy']:.4f} / {r['plain_accuracy']:.4f}")
         print(f"{prefix}speed-up: {speedup:.2f}x (target >= {TARGET:.0f}x): {'met' if met else 'NOT met'}")
 
