@@ -18,20 +18,35 @@
 #        - several GPUs (DistributedDataParallel, NCCL, one process per GPU): bench/distributed.py,
 #          1 GPU against all of them on the VGG pretraining then the VGG transfer; on a one-GPU
 #          machine, one rank through torchrun (NCCL, device pinning) on the quickstart instead.
-#   GPU_CHECK_ALLOW_CPU=1 runs the same steps on a machine without CUDA (a dry run of this script;
-#   section 6 then compares 1 and 2 processes with gloo);
-#   GPU_CHECK_SECTIONS="1 2 4" runs only those; GPU_CHECK_EPOCHS / GPU_CHECK_ROUNDS shorten them.
+#      and (issue 14, each its own function below):
+#        - peers: bench/peers.py on CUDA, the hand-written loop vs the runner vs Lightning, mixed
+#          precision on every side (Lightning from the wheels fetched in step 1);
+#        - cache: bench/feature_cache.py on CUDA (head-only resnet18, 10 epochs at 64x64);
+#        - sharing: bench/contention.py's equivalent for one GPU: the runner's quickstart alone, then
+#          two copies on the same GPU at once.
+#   bash bench/gpu_check.sh --dry-run   every section on the CPU with 1 epoch and 1 round, end to end,
+#      so the script cannot rot on machines without a GPU (no figure of it means anything).
+#   GPU_CHECK_ALLOW_CPU=1 runs the same steps on a machine without CUDA at full length;
+#   GPU_CHECK_SECTIONS="1 2 6 peers" runs only those (default: all); GPU_CHECK_EPOCHS / GPU_CHECK_ROUNDS shorten them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=build/gpu_wheels
 NEEDED="sqlalchemy==2.1.9 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 torchinfo==1.8.0"
+LIGHTNING="lightning lightning-utilities torchmetrics"   # for the peers section, installed by bench/peers.py
+
+if [ "${1:-}" = "--dry-run" ]; then
+    export GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_EPOCHS=${GPU_CHECK_EPOCHS:-1} GPU_CHECK_ROUNDS=${GPU_CHECK_ROUNDS:-1} GPU_CHECK_DRY_RUN=1
+    shift
+fi
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     mkdir -p "$WHEELS"
     # shellcheck disable=SC2086
-    exec "$PY" -m pip download --only-binary=:all: --no-deps --python-version "${GPU_PYTHON_VERSION:-3.12}" \
-        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$WHEELS" $NEEDED
+    "$PY" -m pip download --only-binary=:all: --no-deps --python-version "${GPU_PYTHON_VERSION:-3.12}" \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$WHEELS" $NEEDED || exit 1
+    # shellcheck disable=SC2086
+    exec "$PY" -m pip download --only-binary=:all: --no-deps -d "$WHEELS/lightning" $LIGHTNING
 fi
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -78,7 +93,7 @@ print(f"    performance: {json.dumps(d['settings'].get('performance'))} | featur
 EOF
 }
 
-want() { [[ " ${GPU_CHECK_SECTIONS:-1 2 3 4 5 6} " == *" $1 "* ]]; }
+want() { [ -z "${GPU_CHECK_SECTIONS:-}" ] || [[ " $GPU_CHECK_SECTIONS " == *" $1 "* ]]; }
 OFF=(performance.amp=off performance.channels_last=off performance.cudnn_benchmark=off performance.pin_memory=off)
 
 if want 1; then
@@ -129,4 +144,31 @@ else
         "import json, sys; d = json.load(sys.stdin); print(d['status'], d['device'], d['settings']['distributed'], d['test'])"
 fi
 fi
+
+# ---- issue 14: peers, the feature cache and two runs on one GPU ----------------------------------
+
+peers_on_device() {
+    echo; echo "== peers: the hand-written loop vs the runner vs Lightning (quickstart, $DEVICE, mixed precision on every side)"
+    local wheels=()
+    [ -d "$WHEELS/lightning" ] && wheels=(--lightning-wheels "$WHEELS/lightning")
+    "$PY" bench/peers.py --device "$DEVICE" --rounds "${GPU_CHECK_ROUNDS:-5}" ${EPOCHS:+--epochs "$EPOCHS"} ${wheels[@]+"${wheels[@]}"}
+}
+
+feature_cache_on_device() {
+    echo; echo "== cache: the frozen-feature cache on $DEVICE (head-only resnet18)"
+    if [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
+        "$PY" bench/feature_cache.py --device "$DEVICE" --epochs 1 --size 32
+    else
+        "$PY" bench/feature_cache.py --device "$DEVICE"
+    fi
+}
+
+runs_sharing_the_device() {
+    echo; echo "== sharing: the runner's quickstart alone, then two copies at once on one $DEVICE"
+    "$PY" bench/contention.py --device "$DEVICE" --copies 1,2 --no-plain --rounds "${GPU_CHECK_ROUNDS:-1}" ${EPOCHS:+--epochs "$EPOCHS"}
+}
+
+want peers && peers_on_device
+want cache && feature_cache_on_device
+want sharing && runs_sharing_the_device
 exit 0

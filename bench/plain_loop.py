@@ -66,6 +66,17 @@ def normalised(images: torch.Tensor) -> torch.Tensor:
     return x.sub(torch.tensor([MEAN]).view(-1, 1, 1)).div_(torch.tensor([STD]).view(-1, 1, 1)).contiguous()
 
 
+def split_tensors(data: str, seed: int, device: torch.device) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """The bundled digits' train/val/test split (the runner's stratified split), normalised, on ``device``; and the class count."""
+    arrays = np.load(data)
+    images, targets = torch.from_numpy(arrays["images"]), arrays["labels"].astype("int64")
+    split = stratified_split(targets, (0.7, 0.15, 0.15), seed=seed)
+    labels = torch.from_numpy(targets)
+    parts = {name: (normalised(images[torch.as_tensor(idx)]).to(device), labels[torch.as_tensor(idx)].to(device))
+             for name, idx in (("train", split.train), ("val", split.val), ("test", split.test))}
+    return parts, int(targets.max()) + 1
+
+
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None):
     order = torch.randperm(len(labels), generator=generator) if generator is not None else None
     for start in range(0, len(labels), batch_size):
@@ -141,13 +152,7 @@ def main() -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
-    arrays = np.load(args.data)
-    images, targets = torch.from_numpy(arrays["images"]), arrays["labels"].astype("int64")
-    num_classes = int(targets.max()) + 1
-    split = stratified_split(targets, (0.7, 0.15, 0.15), seed=args.seed)
-    labels = torch.from_numpy(targets)
-    parts = {name: (normalised(images[torch.as_tensor(idx)]).to(device), labels[torch.as_tensor(idx)].to(device))
-             for name, idx in (("train", split.train), ("val", split.val), ("test", split.test))}
+    parts, num_classes = split_tensors(args.data, args.seed, device)
 
     torch.manual_seed(args.seed)
     model = build_cnn(num_classes).to(memory_format=memory_format).to(device)

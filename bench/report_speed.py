@@ -1,167 +1,119 @@
-"""How fast is ``runner report`` on a big store? Target: within 3 s and 1 GiB peak memory.
+"""How ``runner report`` scales: every variant at 10,000 to 2,000,000 per-epoch metric rows, time and peak memory.
 
-Builds a results store of 10,000 runs x 50 epochs x 4 metrics (2,000,000 per-epoch metric rows, plus
-500,000 epoch rows and 30,000 test metrics), then runs ``runner report`` as a whole process, the way
-a user does, several ways, and prints each command's wall time and peak resident memory.
+Builds stores of 50, 500, 5,000 and 10,000 completed runs x 50 epochs x 4 metrics (10,000 to
+2,000,000 metric rows, with their epoch rows and test metrics; see ``benchlib.build_store``: the rows
+go in through the store's own tables), then runs each report variant as a whole ``runner report``
+process, the way a user does, ``--repeat`` times, alternating the variants (and the versions, with
+``--baseline-ref``). Targets (issue 14) at 2,000,000 rows: every variant within 1.0 s (median) and
+300 MiB peak resident memory; and the time grows no faster than the rows (for every pair of sizes,
+time ratio <= row ratio). The HTML report is measured too, but it draws figures for 20 runs with
+matplotlib whatever the store's size, so it is shown for information and left out of the target.
 
-    python bench/report_speed.py                 # build in a temporary directory, measure, clean up
-    python bench/report_speed.py --db big.db     # keep (or reuse) the store at big.db
+    .venv/bin/python bench/report_speed.py [--repeat 3] [--sizes 10000,100000,1000000,2000000] [--stores DIR] [--baseline-ref REF]
 
-The store is built with ``executemany`` on one SQLite connection (the schema comes from the store
-module), because building it through the training loop would take hours.
+The last lines are the verdicts: growth, then time and memory at the largest size.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
-import sqlite3
-import subprocess
+import math
 import sys
 import tempfile
-import time
-from datetime import datetime, timedelta
 from pathlib import Path
 
-TARGET_SECONDS = 3.0
-TARGET_BYTES = 1 << 30
-METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
-MODELS = ("cnn", "torchvision:resnet18", "torchvision:vgg16", "torchvision:mobilenet_v3_small")
-STRATEGIES = ("full_finetune", "feature_extract", "gradual_unfreeze")
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores DateTime in SQLite
+from benchlib import Version, add_baseline_option, build_store, header, measure, median, versions
+
+EPOCHS = 50
+ROWS_PER_RUN = EPOCHS * 4
+TARGET_SECONDS = 1.0
+TARGET_BYTES = 300 << 20
+VARIANTS = [  # the target applies to these
+    ["report"],
+    ["report", "--format", "json"],
+    ["report", "--format", "markdown"],
+    ["report", "--format", "latex"],
+    ["report", "-o", "report.csv"],
+    ["report", "-o", "report.parquet"],
+    ["report", "--group-by", "name", "--format", "json"],
+    ["report", "--where", "model.name=torchvision:resnet18", "--where", "training.optimizer.lr=1e-3", "--sort", "-test_accuracy"],
+    ["report", "--group-by", "model.name,training.optimizer.lr", "--columns", "test_accuracy"],
+    ["report", "--status", "completed", "--since", "2024-01-15", "--columns", "id,name,test_accuracy"],
+]
+FOR_INFORMATION = [["report", "-o", "report.html"]]
 
 
-def resolved_spec(name: str, seed: int, model: str, strategy: str, lr: float, epochs: int) -> dict:
-    """A resolved spec shaped like the ones runs store (about 1.5 kB of JSON)."""
-    return {
-        "name": name, "seed": seed, "description": "", "deterministic": False, "device": "cpu",
-        "data": {"dataset": "mnist_bundled", "classes": None, "batch_size": 64, "eval_batch_size": None, "num_workers": 0,
-                 "channels": "auto", "on_corrupt": "error", "options": {}, "train_per_class": None,
-                 "split": {"train": 0.7, "val": 0.15, "test": 0.15, "seed": None}},
-        "model": {"name": model, "num_classes": 10, "weights": "DEFAULT" if model != "cnn" else None, "trust_repo": False,
-                  "surgery": {}, "options": {"layers": [{"type": "Conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
-                                                        {"type": "BatchNorm2d"}, "ReLU", {"type": "MaxPool2d", "kernel_size": 2},
-                                                        "Flatten", {"type": "Linear", "out_features": "num_classes"}]} if model == "cnn" else {}},
-        "transforms": {"train": [{"name": "ToImage"}, {"name": "ToDtype", "dtype": "float32", "scale": True}],
-                       "eval": [{"name": "ToImage"}, {"name": "ToDtype", "dtype": "float32", "scale": True}]},
-        "training": {"epochs": epochs, "optimizer": {"name": "Adam", "lr": lr}, "loss": {"name": "CrossEntropyLoss"},
-                     "scheduler": None, "early_stopping": None, "grad_clip": None, "strategy": {"name": strategy}},
-    }
+def store_for(version: Version, rows: int, directory: Path) -> Path:
+    path = directory / f"metric_rows{rows}_schema{version.schema_version()}.db"
+    if not path.exists():
+        built = build_store(path, rows // ROWS_PER_RUN, EPOCHS, version)
+        print(f"  built {path.name} ({built['runs']:,} runs, {built['epoch_metrics']:,} metric rows) with {version.label} "
+              f"in {built['build_s']:.0f} s", flush=True)
+    return path
 
 
-def build_store(path: Path, runs: int, epochs: int) -> dict[str, float]:
-    """Create the schema with the store module, then bulk-insert the rows with executemany."""
-    from runner.store import Store
-
-    Store(path)  # the schema, exactly as runner creates it
-    rng = random.Random(0)
-    start = datetime(2024, 1, 1)
-    run_rows, split_rows = [], []
-    for i in range(runs):
-        run_id = f"{i:012x}"
-        name, seed = f"experiment-{i // 10:04d}", i % 10
-        model, strategy = MODELS[i % len(MODELS)], STRATEGIES[i % len(STRATEGIES)]
-        lr = (1e-3, 3e-4, 1e-4)[i % 3]
-        spec = resolved_spec(name, seed, model, strategy, lr, epochs)
-        started = start + timedelta(minutes=7 * i)
-        accuracy = 0.9 + 0.09 * rng.random()
-        run_rows.append((
-            run_id, name, "completed", "", json.dumps(spec, sort_keys=True), f"{i:064x}", model, strategy, "mnist_bundled", seed,
-            "cpu", "bench", json.dumps([str(c) for c in range(10)]),
-            json.dumps([[50 if r == c else rng.randint(0, 3) for c in range(10)] for r in range(10)]),
-            "torchvision:DEFAULT" if model != "cnn" else None, started.strftime(TIME_FORMAT),
-            (started + timedelta(minutes=5)).strftime(TIME_FORMAT), 300.0 + rng.random(), epochs, f"completed {epochs} epochs",
-            rng.randint(1, epochs), accuracy - 0.01,
-        ))
-        split_rows += [(run_id, "test", "loss", 1 - accuracy), (run_id, "test", "accuracy", accuracy), (run_id, "test", "f1_macro", accuracy - 0.002)]
-
-    def metric_rows():
-        for i in range(runs):
-            run_id = f"{i:012x}"
-            for epoch in range(1, epochs + 1):
-                progress = epoch / epochs
-                for name, value in zip(METRICS, (1 - progress, progress, 1.1 - progress, progress * 0.98)):
-                    yield run_id, epoch, name, value
-
-    def epoch_rows():
-        finished = start.strftime(TIME_FORMAT)
-        for i in range(runs):
-            for epoch in range(1, epochs + 1):
-                yield f"{i:012x}", epoch, 6.0, finished
-
-    began = time.perf_counter()
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA synchronous=OFF")
-    with conn:
-        conn.executemany(
-            "INSERT INTO runs (id, name, status, spec_yaml, spec_json, spec_hash, model, strategy, dataset, seed, device, host, "
-            "class_names_json, confusion_json, weights_source, started_at, ended_at, duration_s, epochs_run, stop_reason, "
-            "best_epoch, best_val_accuracy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            run_rows,
-        )
-        conn.executemany("INSERT INTO split_metrics (run_id, split, name, value) VALUES (?, ?, ?, ?)", split_rows)
-        conn.executemany("INSERT INTO epoch_metrics (run_id, epoch, name, value) VALUES (?, ?, ?, ?)", metric_rows())
-        conn.executemany("INSERT INTO epochs (run_id, epoch, duration_s, finished_at) VALUES (?, ?, ?, ?)", epoch_rows())
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    counts = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ("runs", "epoch_metrics", "epochs", "split_metrics")}
-    conn.close()
-    return {"build_s": time.perf_counter() - began, **counts}
-
-
-def measure(args: list[str], cwd: Path) -> tuple[float, int, int, float]:
-    """Wall seconds, peak RSS in bytes, exit code and CPU seconds of one ``runner`` process (its rusage)."""
-    began = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - began
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        print(process.stderr.read().decode(errors="replace"), file=sys.stderr)
-    process.stderr.close()
-    # ru_maxrss is in KiB on Linux; CPU time (user + system) barely moves when other processes load the machine
-    return elapsed, usage.ru_maxrss * 1024, process.returncode, usage.ru_utime + usage.ru_stime
+def growth(times: dict[int, float]) -> tuple[float, float]:
+    """The largest (time ratio / row ratio) over pairs of consecutive sizes, and the log-log slope of the two largest."""
+    sizes = sorted(times)
+    worst = max(times[b] / times[a] / (b / a) for a, b in zip(sizes, sizes[1:]))
+    a, b = sizes[-2], sizes[-1]
+    return worst, math.log(times[b] / times[a]) / math.log(b / a)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", type=Path, default=None, help="store to build (kept), or reuse if it exists")
-    parser.add_argument("--runs", type=int, default=10_000)
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--repeat", type=int, default=3, help="measure each command this many times (best and worst shown)")
-    options = parser.parse_args()
+    parser.add_argument("--repeat", type=int, default=3, help="processes per variant and size (the median counts)")
+    parser.add_argument("--sizes", default="10000,100000,1000000,2000000", help="metric rows of each store (multiples of 200)")
+    parser.add_argument("--stores", type=Path, default=None, help="keep (or reuse) the synthetic stores in this directory")
+    add_baseline_option(parser)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(header("runner report at scale"), flush=True)
+    commands = [*VARIANTS, *FOR_INFORMATION]
+    results: dict[tuple[str, int, int], list] = {}
+    with versions(args.baseline_ref) as measured, tempfile.TemporaryDirectory(prefix="report-speed-") as tmp:
+        store_dir = args.stores.resolve() if args.stores else Path(tmp)
+        store_dir.mkdir(parents=True, exist_ok=True)
+        stores = {(v.label, n): store_for(v, n, store_dir) for v in measured for n in sizes}
+        for i in range(args.repeat):
+            order = [(v, n, c) for n in sizes for c in range(len(commands)) for v in measured]
+            for version, rows, c in (order if i % 2 == 0 else order[::-1]):
+                argv = [*commands[c], "--db", str(stores[(version.label, rows)])]
+                results.setdefault((version.label, rows, c), []).append(measure([*version.runner(), *argv], env=version.env(), cwd=Path(tmp)))
 
-    with tempfile.TemporaryDirectory() as scratch:
-        db = options.db.resolve() if options.db else Path(scratch) / "big.db"
-        if db.exists():
-            print(f"reusing {db}")
-        else:
-            built = build_store(db, options.runs, options.epochs)
-            print(f"built {db} in {built.pop('build_s'):.1f} s: " + ", ".join(f"{v:,} {k}" for k, v in built.items()))
-        print(f"store size {db.stat().st_size / 2**20:.0f} MiB\n")
-        tables = [  # the 3 s / 1 GiB target applies to these
-            ["report"],
-            ["report", "--format", "json"],
-            ["report", "-o", "report.csv"],
-            ["report", "-o", "report.parquet"],
-            ["report", "--group-by", "name", "--format", "json"],
-            ["report", "--where", "model.name=torchvision:resnet18", "--where", "training.optimizer.lr=1e-3", "--sort", "-test_accuracy"],
-            ["report", "--group-by", "model.name,training.optimizer.lr", "--columns", "test_accuracy"],
-        ]
-        figures = [["report", "-o", "report.html"]]  # for information: matplotlib figures of the first 20 runs
-        print(f"{'command':100} {'best s':>7} {'worst s':>7} {'cpu s':>6} {'peak MiB':>9}  target ({TARGET_SECONDS:.0f} s, {TARGET_BYTES >> 20} MiB) by the best")
-        failures = 0
-        for command in [*tables, *figures]:
-            results = [measure([*command, "--db", str(db)], Path(scratch)) for _ in range(options.repeat)]
-            best, worst, peak = min(r[0] for r in results), max(r[0] for r in results), max(r[1] for r in results)
-            cpu = min(r[3] for r in results)
-            # judged by the best of a few runs: other processes on a shared machine only ever add time
-            ok = all(r[2] == 0 for r in results) and best <= TARGET_SECONDS and peak <= TARGET_BYTES
-            failures += command in tables and not ok
-            verdict = ("ok" if ok else "MISSED") if command in tables else "(no target)"
-            print(f"{'runner ' + ' '.join(command):100} {best:7.2f} {worst:7.2f} {cpu:6.2f} {peak / 2**20:9.0f}  {verdict}")
-    return 1 if failures else 0
+    def seconds(label: str, rows: int, c: int) -> float:
+        return median([r.wall_s for r in results[(label, rows, c)]])
+
+    def peak(label: str, rows: int, c: int) -> int:
+        return max(r.peak_rss_bytes for r in results[(label, rows, c)])
+
+    print(f"\nmedian wall seconds (peak MiB) of {args.repeat} processes; columns: metric rows")
+    print(f"{'command':96} {'version':10} " + " ".join(f"{n:>15,}" for n in sizes) + "  growth")
+    for c, command in enumerate(commands):
+        for version in measured:
+            cells = " ".join(f"{seconds(version.label, n, c):7.2f} ({peak(version.label, n, c) / 2**20:4.0f})" for n in sizes)
+            trend = "x{:.2f} slope {:.2f}".format(*growth({n: seconds(version.label, n, c) for n in sizes})) if len(sizes) > 1 else "-"
+            note = "" if command in VARIANTS else "  (for information)"
+            print(f"{'runner ' + ' '.join(command):96} {version.label[:10]:10} {cells}  {trend}{note}")
+    print(header("at the end"))
+    largest = sizes[-1]
+    for version in reversed(measured):  # this checkout's verdicts last
+        prefix = "" if version.label == "current" else f"[{version.label}] "
+        if len(sizes) > 1:
+            worst_c = max(range(len(VARIANTS)), key=lambda c: growth({n: seconds(version.label, n, c) for n in sizes})[0])
+            worst, slope = growth({n: seconds(version.label, n, worst_c) for n in sizes})
+            print(f"{prefix}growth {sizes[0]:,} -> {largest:,} rows: worst (time ratio / row ratio) between neighbouring sizes "
+                  f"{worst:.3f} ('runner {' '.join(VARIANTS[worst_c])}'; slope of the two largest {slope:.2f}); "
+                  f"no faster than linear (<= 1): {'met' if worst <= 1 else 'NOT met'}")
+        slowest = max(range(len(VARIANTS)), key=lambda c: seconds(version.label, largest, c))
+        fattest = max(range(len(VARIANTS)), key=lambda c: peak(version.label, largest, c))
+        ok = all(r.returncode == 0 for (label, _, _), rs in results.items() if label == version.label for r in rs)
+        met = ok and seconds(version.label, largest, slowest) <= TARGET_SECONDS and peak(version.label, largest, fattest) <= TARGET_BYTES
+        print(f"{prefix}every variant at {largest:,} rows: slowest {seconds(version.label, largest, slowest):.2f} s "
+              f"('runner {' '.join(VARIANTS[slowest])}'), largest peak {peak(version.label, largest, fattest) / 2**20:.0f} MiB "
+              f"('runner {' '.join(VARIANTS[fattest])}') (target <= {TARGET_SECONDS:.1f} s and <= {TARGET_BYTES >> 20} MiB): "
+              f"{'met' if met else 'NOT met'}")
+    return 0
 
 
 if __name__ == "__main__":

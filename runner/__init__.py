@@ -133,6 +133,9 @@ def run(
     :param device: overrides the spec's device (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``).
     :raises TrainingFailed: training raised; the run is stored as failed.
     """
+    from runner.performance import contention_defaults
+
+    contention_defaults()  # when torch is not loaded yet: OpenMP threads that sleep while they wait
     from runner.execute import run_experiment
     from runner.store import Store
 

@@ -2,31 +2,77 @@
 
 ``auto`` picks, per device, what is fast where it keeps the numbers trustworthy:
 
-* ``channels_last``: on for models with 2-D convolutions on CPU and CUDA. On a 2-core CPU it made
-  an epoch of the quickstart CNN about 22% faster (``bench/channels_last.py``); on CUDA it is the
-  layout tensor cores want. (In one short measurement torchvision's resnet18 on CPU was about 10%
-  slower with it: measure, and set it off for such models.)
+* ``channels_last``: on for models with 2-D convolutions on CUDA, the layout tensor cores want; on
+  the CPU only for narrow ones (at most 64 output channels): a training step of the quickstart CNN
+  (32 and 64 channels) took 24% less CPU time with it (``bench/channels_last.py`` measures whole
+  epochs), while torchvision's vgg11_bn at 32x32 took 24% more and resnet18 at 64x64 (both up to
+  512 channels) 20-45% more (oneDNN on a 2-core Xeon, measured under load, best of 2-3).
 * ``amp``: bf16 autocast on CUDA devices that support it, else fp16 with a gradient scaler. Off on
   CPU, where bf16 changes the numbers and its speed depends on the processor (on the EPYC machine
   this was developed on, ``amp: bf16`` made a quickstart epoch about 30% faster: opt in there).
 * ``cudnn_benchmark``: on for CUDA unless the spec asks for ``deterministic: true``.
 * ``pin_memory``: on for CUDA (page-locked host batches, copied with ``non_blocking=True``).
-* ``threads``: torch's own default (``OMP_NUM_THREADS`` or the machine's cores) unless set.
+* ``threads``: torch's own default (``OMP_NUM_THREADS`` or the machine's cores) unless set. With
+  passive waiting (below) that stays the better default under load too: on 2 cores under a load of
+  8 to 13, a quickstart epoch took 16.5-19.1 s with two passive threads and 19.2-20.4 s with one
+  (and one thread rounds differently, so a run's numbers would depend on the load).
 * ``compile``: ``torch.compile`` the module the loop trains, only when asked (compiling costs time).
 
 The resolved values go into the run's settings (``settings["performance"]``) so a run says how it
 was trained; :func:`applied` sets the process-wide ones for the duration of training and restores them.
+
+On a machine shared with other work (or with other runs), OpenMP threads that spin while they wait
+for each other burn the time slices the other processes need: :func:`contention_defaults` makes
+them sleep instead (``OMP_WAIT_POLICY=PASSIVE``), set by the command line before torch loads unless
+the user chose a wait policy; the run records the policy its process had (``omp_wait_policy``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterator, MutableMapping
 
 from runner.errors import SpecError
 
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+# Any of these set means the user has chosen how OpenMP threads wait (GNU and Intel OpenMP runtimes)
+_WAIT_CHOSEN_BY = (WAIT_POLICY_ENV, "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+# ------------------------------------------------------------------------------------------
+# Before torch loads: how OpenMP threads wait
+
+
+def contention_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """The variables a training process gets unless the user chose otherwise: ``OMP_WAIT_POLICY=PASSIVE``.
+
+    OpenMP's default lets a thread that waits for the others spin for a few milliseconds. Alone on
+    the machine that saves a wake-up; with other processes on the same cores the spinning thread
+    takes the time slice the thread it waits for needs, and every parallel operation waits a slice.
+    Measured on 2 cores: a quickstart epoch took 30 s instead of 2.9 s under a load of 3, and 61-130 s
+    instead of 16.5-19.1 s under a load of 8 to 13 (``bench/contention.py`` measures whole runs).
+    Passive waiting sleeps at once. For a launcher's worker processes too.
+    """
+    environ = os.environ if environ is None else environ
+    if any(name in environ for name in _WAIT_CHOSEN_BY):
+        return {}
+    return {WAIT_POLICY_ENV: "PASSIVE"}
+
+
+def contention_defaults() -> dict[str, str]:
+    """Put :func:`contention_environment` into this process's environment; what was set.
+
+    Only before torch is imported: the OpenMP runtime reads its environment once, when torch loads it.
+    """
+    if "torch" in sys.modules:
+        return {}
+    added = contention_environment()
+    os.environ.update(added)
+    return added
 
 
 @dataclass(frozen=True)
@@ -40,13 +86,16 @@ class Performance:
     cudnn_benchmark: bool
     pin_memory: bool
     compile: bool
+    # OMP_WAIT_POLICY of the training process (None: unset, OpenMP's default of spinning a while)
+    omp_wait_policy: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Performance":
-        return cls(**{k: values[k] for k in cls.__dataclass_fields__})
+        """Read back from a run's settings; keys added after the run was stored take their defaults."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
     def autocast(self, device: Any) -> Any:
         """The autocast context for forward passes (a no-op context when AMP is off)."""
@@ -90,10 +139,22 @@ def _switch(value: str, auto: bool) -> bool:
     return auto if value == "auto" else value == "on"
 
 
-def has_conv2d(model: Any) -> bool:
+CPU_CHANNELS_LAST_MAX_WIDTH = 64
+
+
+def conv2d_width(model: Any) -> int:
+    """The most output channels of any 2-D convolution of ``model`` (0: none); works on the ``meta`` device."""
     from torch import nn
 
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return max((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), default=0)
+
+
+def channels_last_pays(device: Any, model: Any) -> bool:
+    """Where ``channels_last: auto`` turns it on (see the module docstring for the measurements)."""
+    width = conv2d_width(model)
+    if device.type == "cuda":
+        return width > 0
+    return device.type == "cpu" and 0 < width <= CPU_CHANNELS_LAST_MAX_WIDTH
 
 
 def amp_for(requested: str, device: Any) -> str | None:
@@ -122,12 +183,13 @@ def resolve(spec: Any, device: Any, model: Any) -> Performance:
     amp = amp_for(wanted.amp, device)
     return Performance(
         threads=int(wanted.threads or torch.get_num_threads()),
-        channels_last=_switch(wanted.channels_last, device.type in ("cpu", "cuda") and has_conv2d(model)),
+        channels_last=_switch(wanted.channels_last, channels_last_pays(device, model)),
         amp=amp,
         grad_scaler=amp == "fp16",
         cudnn_benchmark=_switch(wanted.cudnn_benchmark, cuda and not spec.deterministic),
         pin_memory=_switch(wanted.pin_memory, cuda),
         compile=bool(wanted.compile),
+        omp_wait_policy=os.environ.get(WAIT_POLICY_ENV),
     )
 
 

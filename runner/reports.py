@@ -60,6 +60,11 @@ def runs_list(store: Store, status: str | None = None, name: str | None = None, 
              "sweep_id": row["sweep_id"], "attempts": row["attempts"]} for row in rows]
 
 
+def count_runs(store: Store, status: str | None = None, name: str | None = None, tags: Sequence[str] = ()) -> int:
+    """How many runs :func:`runs_list` would list without a limit."""
+    return store.query.count_runs(RunFilter(status=status, name_glob=name, tags=tuple(tags)))
+
+
 def run_details(store: Store, run_id: str) -> dict[str, Any]:
     """``runner show``: the summary keys plus spec, epochs, test metrics, weights and provenance."""
     row = store.query.run_row(run_id)
@@ -157,6 +162,8 @@ def parse_since(text: str | None, now: datetime | None = None) -> datetime | Non
 
 def parse_where(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
     """``model.name=cnn`` → (("model.name", "cnn"),); values are YAML scalars, as with ``--set``."""
+    if not items:
+        return ()  # without --where, the report need not import the spec's pydantic models and YAML
     from runner.spec import parse_override
 
     pairs = []

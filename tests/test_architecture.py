@@ -264,9 +264,10 @@ EXIT_PROBE = textwrap.dedent("""
     (["validate", str(TINY_SPEC)], {}, True),
     (["plugins", "--format", "json"], {}, True),
     (["validate", str(TINY_SPEC)], {"RUNNER_FAST_EXIT": "0"}, False),
-    (["runs", "--db", "none.db"], {}, False),
+    (["runs", "--db", "none.db"], {}, True),
+    (["runs", "--db", "none.db"], {"RUNNER_FAST_EXIT": "0"}, False),
 ])
-def test_commands_that_load_torch_get_the_fast_exit_hook_unless_switched_off(tmp_path: Path, args: list[str], env: dict[str, str],
+def test_every_command_gets_the_fast_exit_hook_unless_switched_off(tmp_path: Path, args: list[str], env: dict[str, str],
                                                                               hooked: bool) -> None:
     result = subprocess.run([sys.executable, "-c", EXIT_PROBE, *args], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, **env}, timeout=120)

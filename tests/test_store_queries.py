@@ -125,3 +125,50 @@ def test_the_store_never_imports_torch(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_limited_listing_is_the_newest_page_of_the_filtered_runs(tmp_path: Path) -> None:
+    store = Store(tmp_path / "results.db")
+    for i in range(6):
+        add_run(store, f"dddd0000000{i}", f"run-{i}", started_at=utcnow() - timedelta(hours=10 - i))
+        if i % 2:
+            store.manage.add_tags(f"dddd0000000{i}", ["odd"])
+    assert [r["id"] for r in store.query.runs_table(RunFilter(tags=("odd",)), limit=2)] == ["dddd00000005", "dddd00000003"]
+    assert [r["id"] for r in store.query.runs_table(limit=3)] == ["dddd00000005", "dddd00000004", "dddd00000003"]
+    assert store.query.count_runs() == 6 and store.query.count_runs(RunFilter(tags=("odd",))) == 3
+
+
+def test_runs_shows_the_newest_page_and_says_how_many_more(tmp_path: Path, run_cli) -> None:
+    from runner.cli import RUNS_SHOWN
+
+    db = tmp_path / "results.db"
+    store = Store(db)
+    for i in range(RUNS_SHOWN + 7):
+        add_run(store, f"eeee{i:08d}", f"run-{i}", started_at=utcnow() - timedelta(minutes=1000 - i))
+    page = run_cli("runs", "--db", db)
+    assert page.exit_code == 0
+    listed = [line.split()[0] for line in page.out.splitlines()[1:]]
+    assert listed == [f"eeee{i:08d}" for i in range(RUNS_SHOWN + 6, 6, -1)]  # the newest, newest first
+    assert page.err == "7 more run(s) not shown: --limit N shows the newest N, --limit 0 all\n"
+    everything = run_cli("runs", "--db", db, "--limit", "0")
+    assert len(everything.out.splitlines()) == 1 + RUNS_SHOWN + 7 and everything.err == ""
+    assert len(run_cli("runs", "--db", db, "--format", "json").json()) == RUNS_SHOWN + 7  # scripts still get every run
+    three = run_cli("runs", "--db", db, "--name", "run-1*", "--limit", "3")
+    assert len(three.out.splitlines()) == 4 and three.err.startswith("8 more run(s) not shown")  # run-1, run-10..19: 11 match
+
+
+def test_listing_a_store_needs_no_write_lock(tmp_path: Path, run_cli) -> None:
+    """A store at the current version is opened with one read: `runner runs` answers while a run holds the write lock."""
+    import sqlite3
+
+    db = tmp_path / "results.db"
+    add_run(Store(db), "ffff00000001", "busy")
+    writer = sqlite3.connect(db, timeout=0)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE runs SET name = 'still busy'")
+        result = run_cli("runs", "--db", db, "--format", "json")
+    finally:
+        writer.rollback()
+        writer.close()
+    assert result.exit_code == 0 and [r["name"] for r in result.json()] == ["busy"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -363,7 +364,7 @@ def test_vgg_transfer_pretrains_upstream_once_then_reuses_it(run_cli, db: Path, 
     # timing is measured by hand and quoted in the README).
     experiments = tmp_path / "experiments"
     experiments.mkdir()
-    (experiments / "vgg_pretrain.yaml").write_text((EXPERIMENTS / "vgg_pretrain.yaml").read_text().replace("  epochs: 5\n", "  epochs: 1\n"))
+    (experiments / "vgg_pretrain.yaml").write_text(re.sub(r"\n  epochs: \d+[^\n]*\n", "\n  epochs: 1\n", (EXPERIMENTS / "vgg_pretrain.yaml").read_text()))
     (experiments / "vgg_transfer.yaml").write_text((EXPERIMENTS / "vgg_transfer.yaml").read_text().replace("  epochs: 60\n", "  epochs: 4\n"))
     first = run_cli("run", experiments / "vgg_transfer.yaml", "--db", db, "-q")
     assert first.exit_code == 0, first.err
@@ -382,3 +383,30 @@ def test_vgg_transfer_pretrains_upstream_once_then_reuses_it(run_cli, db: Path, 
         assert shown["status"] == "completed" and shown["weights"]["source"].startswith(f"run:{upstream['id']}")
         assert shown["weights"]["sha256"] == upstream_best["sha256"]
         assert shown["settings"]["feature_cache"] == "on" and shown["stop_reason"]
+
+
+def test_cpu_features_come_from_the_inference_optimized_backbone_or_else_the_model_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    from runner import feature_cache
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("features", nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    model.add_module("fc", nn.Linear(8, 2))
+    model.eval()
+    first, other = torch.randn(4, 3, 16, 16), torch.randn(5, 3, 16, 16)
+    backbone = feature_cache._optimized_backbone(model, "fc", first)
+    assert backbone is not None and not isinstance(backbone, nn.Sequential)  # TorchScript, batch norm folded in
+    with torch.inference_mode():
+        expected = feature_cache._head_inputs(model, model.fc, other)
+        assert torch.allclose(backbone(other), expected, rtol=1e-4, atol=1e-6)
+    assert [p.requires_grad for p in model.parameters()] == [True] * 6 and isinstance(model.fc, nn.Linear)  # the model is untouched
+
+    def cannot_script(module):
+        raise RuntimeError("not scriptable")
+
+    monkeypatch.setattr(torch.jit, "script", cannot_script)
+    assert feature_cache._optimized_backbone(model, "fc", first) is None  # extraction then runs the model itself
+    features, labels = feature_cache._extract(model, model.fc, [(other, torch.arange(5))], torch.device("cpu"), None)
+    assert torch.equal(features, expected) and labels.tolist() == [0, 1, 2, 3, 4]

@@ -163,6 +163,8 @@ class Store:
 
     # ---- schema -------------------------------------------------------------------------------
     def _prepare(self) -> None:
+        if self._current_version() == SCHEMA_VERSION:
+            return  # the usual case: one read, no write lock, no schema inspection
         try:
             if self.read_only:
                 self._check_schema_read_only()
@@ -201,6 +203,18 @@ class Store:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
             yield conn
+
+    def _current_version(self) -> int | None:
+        """The stored schema version read without locking; None when that read fails (new, old or foreign file).
+
+        Anything but the current version goes the locked way, which creates, migrates or explains.
+        """
+        try:
+            with self.engine.connect() as conn:
+                version = conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar()
+        except DatabaseError:
+            return None
+        return int(version) if version is not None and version.isdigit() else None
 
     def _create_or_check_schema(self) -> None:
         with self._schema_transaction() as conn:
