@@ -32,7 +32,7 @@ from runner.lifecycle import heartbeat_interval
 from runner.models import build_model, count_parameters, freeze, head_names, input_channels, select_trainable
 from runner.optim import check_arguments, check_training_names
 from runner.performance import Performance
-from runner.preflight import check_forward, check_loss, check_optimizer, check_train_transforms, check_whole_split_transforms, training_image
+from runner.preflight import check_forward, check_loss, check_train_transforms, check_whole_split_transforms, training_image
 from runner.registry import blamed
 from runner.spec import Spec, load_spec
 from runner.transforms import build_transform, is_random, transform_builder, transform_sample, without_random
@@ -290,7 +290,6 @@ def _plan(spec: Spec, registries: Registries, base_dir: str, upstream: UpstreamW
     stages = plan_stages(model, strategy, spec.training.epochs)
     first_stage = strategy.stage(1)
     freeze(model, select_trainable(model, first_stage.trainable))
-    check_optimizer(spec, model, first_stage)
     total, trainable = count_parameters(model)
     train_random = is_random(registries, spec.transforms.train)
     speed = performance.resolve(spec, device, model)

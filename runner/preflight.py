@@ -17,8 +17,7 @@ from torch import nn
 
 from runner import data as data_mod
 from runner.errors import SpecError, one_line
-from runner.interfaces import Stage
-from runner.optim import build_loss, build_optimizer, build_scheduler
+from runner.optim import build_loss
 from runner.spec import Spec
 from runner.transforms import build_transform, is_random, transform_sample
 
@@ -109,22 +108,4 @@ def check_loss(spec: Spec, num_classes: int) -> None:
     raise SpecError(f"training.loss ({spec.training.loss.name}): {one_line(failures[0])}") from None
 
 
-def check_optimizer(spec: Spec, model: nn.Module, stage: Stage) -> None:
-    """The optimizer and scheduler, built as the first stage of training builds them (on the model's ``meta``
-    parameters: nothing is allocated), take the spec's values: a learning rate out of range, a scheduler's
-    missing argument fail here, not after the run is recorded."""
-    t = spec.training
-    with warnings.catch_warnings():  # e.g. a scheduler's advice on call order: training says it if it applies
-        warnings.simplefilter("ignore")
-        try:
-            optimizer = build_optimizer(spec, model, stage)
-        except Exception as exc:
-            raise SpecError(f"training.optimizer ({t.optimizer.name}): {one_line(exc)}") from exc
-        if t.scheduler is not None:
-            try:
-                build_scheduler(spec, optimizer)
-            except Exception as exc:
-                raise SpecError(f"training.scheduler ({t.scheduler.name}): {one_line(exc)}") from exc
-
-__all__ = ["training_image", "check_train_transforms", "check_whole_split_transforms", "check_forward", "check_loss",
-           "check_optimizer"]
+__all__ = ["training_image", "check_train_transforms", "check_whole_split_transforms", "check_forward", "check_loss"]
