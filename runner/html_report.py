@@ -137,6 +137,11 @@ def _png_base64(figure: Any) -> str:
     return base64.b64encode(figure_bytes(figure, "png")).decode("ascii")
 
 
+def _group_keys(groups: Any) -> tuple[str, ...]:
+    columns = list(groups.columns)
+    return tuple(columns[: columns.index("n")])
+
+
 def render_html(report: Report, store: Store | None, title: str = "runner report", max_plots: int = 20,
                 swept: Sequence[str] = (), best: Best | None = None) -> str:
     """The whole report as one HTML document; figures for the first ``max_plots`` runs in report order.

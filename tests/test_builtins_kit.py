@@ -32,6 +32,8 @@ def torchvision_input_shape(name: str) -> tuple[int, int, int]:
 
     if name.startswith("torchvision:vit_"):  # built without weights a ViT takes 224 pixels (ViT-H's default weights, 518)
         return (3, 224, 224)
+    if name == "torchvision:inception_v3":  # its auxiliary head, which runs in training, pools 17x17 maps: 299 pixels
+        return (3, 299, 299)
     height, width = torchvision.models.get_model_weights(name.removeprefix("torchvision:")).DEFAULT.meta.get("min_size", (1, 1))
     return (3, max(height, 32), max(width, 32))
 

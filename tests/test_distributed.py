@@ -52,10 +52,17 @@ def probe_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     sys.modules.pop("ddp_probe_plugin", None)
 
 
+@pytest.fixture(autouse=True)
+def _probe_loads_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's commands (show, eval, reproduce) load the probe plugin too, and no other."""
+    monkeypatch.setenv("RUNNER_LOAD_PLUGINS", "probe")
+
+
 def environment(site: Path, probe_dir: Path | None = None, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1", **extra}
     env.pop("RUNNER_DISABLE_PLUGINS", None)
+    env["RUNNER_LOAD_PLUGINS"] = "probe"  # the probe alone, whichever other plugins are installed
     if probe_dir is not None:
         probe_dir.mkdir(parents=True, exist_ok=True)
         env["RUNNER_PROBE_DIR"] = str(probe_dir)

@@ -76,6 +76,7 @@ def test_performance_section_reads_on_off_and_stays_out_of_the_spec_hash() -> No
     default = load_spec(TINY_SPEC)
     assert default.performance.model_dump() == {
         "threads": None, "channels_last": "auto", "amp": "auto", "cudnn_benchmark": "auto", "pin_memory": "auto", "compile": False,
+        "sync_batchnorm": "auto",
     }
     raw = parse_yaml((TINY_SPEC.read_text() + "performance: {channels_last: off, amp: bf16, cudnn_benchmark: on, threads: 1}\n"))
     tuned = load_spec(raw)

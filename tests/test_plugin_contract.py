@@ -327,7 +327,7 @@ class FutureHookspecs:
 def test_plugin_written_before_a_hook_gained_an_argument_keeps_working() -> None:
     pm = PluginManager()
     pm.add_hookspecs(FutureHookspecs)
-    pm.register(ContractPlugin(), name="old-plugin")  # its models hook takes only ``register``
+    pm.register(ContractPlugin(), name="contract")  # its models hook takes only ``register``
     registered: list[str] = []
     pm.hook.runner_register_models(register=lambda name, builder: registered.append(name), context={"new": True})
     assert registered == ["contract:mlp"]

@@ -568,7 +568,7 @@ def _slow_sweep(directory: Path) -> Path:
 def test_sigkill_of_the_sweep_and_its_workers_then_the_same_command_finishes_every_run_once(run_cli: Any, tmp_path: Path) -> None:
     spec = _slow_sweep(tmp_path)
     db = tmp_path / "results.db"
-    env = {"RUNNER_HEARTBEAT_S": "0.5", "OMP_NUM_THREADS": "1"}
+    env = {"RUNNER_HEARTBEAT_S": "1", "OMP_NUM_THREADS": "1"}
     proc = cli("run", spec, "--db", db, "-j", "2", "-q", env=env)
 
     def caught_mid_sweep() -> bool:
@@ -588,7 +588,7 @@ def test_sigkill_of_the_sweep_and_its_workers_then_the_same_command_finishes_eve
     done = {run_id: r for run_id, r in before.items() if r["status"] == "completed"}
     done_metrics = {run_id: epoch_metrics(db)[run_id] for run_id in done}
     assert len(killed) == 2 and done
-    time.sleep(1.5)  # two missed heartbeats: the killed runs are lost
+    time.sleep(2.5)  # two missed heartbeats: the killed runs are lost
 
     again = run_cli("run", spec, "--db", db, "-j", "2", "-q")
     assert again.exit_code == 0, again.err

@@ -109,6 +109,21 @@ def _read_only_url(path: Path) -> str:
     return f"sqlite:///file:{quote(str(path))}?{options}&uri=true"
 
 
+def _one_line_error(location: str, read_only: bool) -> Callable[[Any], None]:
+    """The engine's error handler: every database error but a lock (which :func:`_retrying` waits
+    out) becomes one :class:`StoreError` line naming the store."""
+
+    def handle(context: Any) -> None:
+        if _transient(context.original_exception):
+            return
+        writing = _writing.get()
+        hint = f" (the store is read-only here{READ_ONLY_HINT})" if read_only and writing else ""
+        raise StoreError(f"cannot {'write to' if writing else 'read'} the store {location}: "
+                         f"{cause_of(context.original_exception)}{hint}")
+
+    return handle
+
+
 class Store:
     """A results store at one database URL; see the module docstring.
 
@@ -141,7 +156,9 @@ class Store:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_read_pragmas if self.read_only else _sqlite_pragmas)
         self._prepare()
-        event.listen(self.engine, "handle_error", self._one_line_error)
+        # a function of the store's name only: a bound method here would keep the store, its engine and
+        # their open SQLite connection alive until exit, after the exit hook froze them (a -wal left)
+        event.listen(self.engine, "handle_error", _one_line_error(self.location, self.read_only))
         self.runs = RunWriter(self)
         self.query = RunQueries(self)
         self.manage = RunManagement(self)
@@ -151,15 +168,6 @@ class Store:
     def location(self) -> str:
         """The store as messages name it: its file, else its URL."""
         return str(self.path or self.url)
-
-    def _one_line_error(self, context: Any) -> None:
-        """Every database error but a lock (which :func:`_retrying` waits out) becomes one :class:`StoreError` line."""
-        if _transient(context.original_exception):
-            return
-        writing = _writing.get()
-        hint = f" (the store is read-only here{READ_ONLY_HINT})" if self.read_only and writing else ""
-        raise StoreError(f"cannot {'write to' if writing else 'read'} the store {self.location}: "
-                         f"{cause_of(context.original_exception)}{hint}")
 
     # ---- schema -------------------------------------------------------------------------------
     def _prepare(self) -> None:
