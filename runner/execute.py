@@ -159,6 +159,16 @@ def ensure_upstream(spec: Spec, store: Store, registries: Registries, base_dir: 
     return collective.from_rank0(lambda: find_upstream(spec, store, registries, base_dir))
 
 
+def needs_work_before_planning(spec: Spec, registries: Registries, base_dir: str) -> bool:
+    """Whether the run's plan must wait for an upstream experiment to train or for weights to download."""
+    if upstream_experiment(spec, base_dir) is not None:
+        return True
+    if not isinstance(spec.model.weights, str):
+        return False
+    weights = named_weights(spec, registries, spec.model.weights)
+    return weights.path is not None and not Path(weights.path).is_file() and weights.fetch is not None
+
+
 def fetch_named_weights(spec: Spec, registries: Registries) -> None:
     """Download named pretrained weights that are not on disk yet (a plan hashes them)."""
     if not isinstance(spec.model.weights, str):
@@ -194,8 +204,10 @@ def run_experiment(
     if base_dir is None:
         base_dir = str(Path(source).parent) if isinstance(source, (str, Path)) else "."
     experiment_chain(spec, base_dir, Path(source) if isinstance(source, (str, Path)) else None)  # a cycle fails before any work
-    upstream = ensure_upstream(spec, store, registries, base_dir, quiet, collective)
     data = data_mod.load_data(spec, registries, base_dir)
+    if needs_work_before_planning(spec, registries, base_dir):  # a typo must not cost an upstream training or a download
+        plan(spec, registries, base_dir=base_dir, data=data, read_weights=False, world_size=collective.planned_world_size)
+    upstream = ensure_upstream(spec, store, registries, base_dir, quiet, collective)
 
     def plan_run() -> RunPlan:
         fetch_named_weights(spec, registries)

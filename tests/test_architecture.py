@@ -211,6 +211,17 @@ def test_one_command_loads_the_plugins_once_even_when_it_runs_an_upstream_experi
     assert calls == [1]
 
 
+def test_a_bad_downstream_spec_fails_before_its_upstream_experiment_trains(run_cli: Any, tmp_path: Path) -> None:
+    downstream = _upstream_pair(tmp_path)
+    # a mistake only the plan finds (the spec itself is valid): surgery on a layer the model lacks
+    downstream.write_text(downstream.read_text().replace("  name: cnn", "  name: cnn\n  surgery: {nonexistent_layer: Identity}"),
+                          encoding="utf-8")
+    result = run_cli("run", downstream, "--db", tmp_path / "results.db", "-q")
+    assert result.exit_code == 2, result.err
+    assert "running it first" not in result.err and len(result.err.strip().splitlines()) == 1
+    assert run_cli("runs", "--db", tmp_path / "results.db", "--format", "json").json() == []
+
+
 def test_an_upstream_cycle_is_refused_before_any_work(run_cli: Any, tmp_path: Path) -> None:
     loop = tmp_path / "loop.yaml"
     loop.write_text(TINY_SPEC.read_text().replace("  name: cnn", "  name: cnn\n  weights: {experiment: loop.yaml}"), encoding="utf-8")
