@@ -129,13 +129,18 @@ def run(
 
     :param spec: a YAML file path, a mapping with the same keys, or a typed :class:`Spec`.
     :param overrides: dotted ``key=value`` overrides, as ``--set`` takes them (``"training.epochs=3"``).
-    :param db: the results store (created if missing); ``artifacts``: where checkpoints go.
+    :param db: the results store (created if missing); ``artifacts``: where checkpoints go (default
+        ``RUNNER_ARTIFACTS``, else ``runs/`` beside an SQLite file; required for a server store).
     :param device: overrides the spec's device (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``).
     :raises TrainingFailed: training raised; the run is stored as failed.
     """
+    from runner.errors import RunnerError
     from runner.execute import run_experiment
-    from runner.store import Store
+    from runner.store import Store, artifacts_required, resolve_url
 
+    reason = artifacts_required(resolve_url(db), artifacts)  # a server store needs an artefact directory, before any work
+    if reason is not None:
+        raise RunnerError(reason)
     store = Store(db, artifacts=artifacts, create=True)
     source = dict(spec) if isinstance(spec, Mapping) else spec
     outcome = run_experiment(source, list(overrides), store=store, registries=_registries(registries), device=device, quiet=quiet)

@@ -70,7 +70,7 @@ def resume_run(run_id: str, store: Store, registries: Registries, quiet: bool = 
     row = store.query.run_row(run_id)
     check_resumable(row)
     run_plan = resumed_plan(row, registries)
-    run_dir = store.artifacts_dir(row)
+    run_dir = store.artifacts_dir(row, must_exist=bool(store.query.checkpoints(row["id"])))
     state = load_last_checkpoint(run_dir)
     parts = setup(run_plan, registries, checkpoint=state, verify_weights=True)
     owner = new_owner()

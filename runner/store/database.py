@@ -1,14 +1,20 @@
 """Opening a store: the URL, the engine, SQLite's settings, lock retries, the schema and transactions.
 
 Default ``sqlite:///results.db`` in the working directory; ``--db URL|PATH`` or ``RUNNER_DB``
-choose another. Run artefacts (checkpoints) live beside an SQLite file in ``runs/<run id>/``, so two
-stores never share artefacts.
+choose another, e.g. ``postgresql+psycopg://user@host:5432/runs`` (the ``postgres`` extra). Run
+artefacts (checkpoints) live beside an SQLite file in ``runs/<run id>/``, so two stores never share
+artefacts; a server store has no place of its own for them, so runs written to one need
+``--artifacts DIR`` (or ``RUNNER_ARTIFACTS``), a directory every worker can reach.
+
+A URL is shown to people only through :func:`mask_url` (``Store.location``): its password never
+appears in a message, a report or a log.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -17,7 +23,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
 from runner.errors import StoreError
@@ -30,16 +36,63 @@ from runner.store.schema import Base, Meta
 
 DEFAULT_DB = "results.db"
 DB_ENV = "RUNNER_DB"
+ARTIFACTS_ENV = "RUNNER_ARTIFACTS"
+# one advisory lock key for creating and migrating a PostgreSQL store ("runn" in ASCII)
+SCHEMA_LOCK = 0x72756E6E
+# errors after which a write is tried again: SQLite's lock, and a server's deadlock or serialisation victim
+TRANSIENT = ("locked", "busy", "already exists", "deadlock detected", "could not serialize")
 
 T = TypeVar("T")
 
 
 def resolve_url(db: str | os.PathLike[str] | None) -> str:
-    """``--db`` value, else ``RUNNER_DB``, else ``results.db``; plain paths become SQLite URLs."""
+    """``--db`` value, else ``RUNNER_DB``, else ``results.db``; plain paths become SQLite URLs.
+
+    ``postgresql://`` (and ``postgres://``) name psycopg 3, the driver the ``postgres`` extra installs.
+    """
     value = str(db) if db is not None else os.environ.get(DB_ENV) or DEFAULT_DB
     if "://" in value:
-        return value
+        scheme, rest = value.split("://", 1)
+        return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else value
     return f"sqlite:///{Path(value).expanduser().resolve()}"
+
+
+def mask_url(url: str) -> str:
+    """The URL as it may be shown: its password replaced by ``***``."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL SQLAlchemy reads: hide whatever stands between ':' and '@'
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _hide_password(message: str, url: str) -> str:
+    """``message`` with the URL's password (should a driver quote it) replaced by ``***``."""
+    try:
+        password = sa.engine.make_url(url).password
+    except ArgumentError:
+        return message
+    return message.replace(str(password), "***") if password else message
+
+
+def artifacts_required(url: str, artifacts: str | os.PathLike[str] | None) -> str | None:
+    """Why runs written to the store at ``url`` cannot go ahead, or None: a server store has no
+    directory of its own, so it needs ``--artifacts`` (or ``RUNNER_ARTIFACTS``). Checked before any work."""
+    if artifacts is not None or os.environ.get(ARTIFACTS_ENV) or url.startswith("sqlite"):
+        return None
+    return (f"the store {mask_url(url)} is not a local file, so run artefacts (checkpoints) need a directory every "
+            f"worker can reach: give --artifacts DIR (or set {ARTIFACTS_ENV})")
+
+
+def missing_artifacts(run_id: str, directory: Path) -> str:
+    """The line for a run whose artefact directory is not on this machine."""
+    return f"run {run_id}: its artefact directory {directory} does not exist here (is the shared artefact directory mounted on this machine?)"
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    """Engine settings per database: a server that does not answer fails in seconds, not minutes."""
+    if url.startswith("postgresql") and "connect_timeout" not in url:
+        return {"connect_args": {"connect_timeout": 10}}
+    return {}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -59,7 +112,7 @@ def _retrying(action: Callable[[], T], attempts: int = 8) -> T:
         try:
             return action()
         except OperationalError as exc:
-            transient = any(word in str(exc) for word in ("locked", "busy", "already exists"))
+            transient = any(word in str(exc) for word in TRANSIENT)
             if not transient or attempt == attempts - 1:
                 raise
             time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
@@ -79,17 +132,18 @@ class Store:
         self.url = resolve_url(db)
         self.is_sqlite = self.url.startswith("sqlite")
         self.path = Path(self.url.split("///", 1)[1]) if self.is_sqlite and "///" in self.url else None
-        if artifacts is not None:
-            self.artifacts_root = Path(artifacts).expanduser().resolve()
-        elif self.path is not None:
-            self.artifacts_root = self.path.parent / "runs"
-        else:
-            self.artifacts_root = Path.cwd() / "runs"
+        artifacts = artifacts if artifacts is not None else os.environ.get(ARTIFACTS_ENV) or None
+        # None: a server store without --artifacts; it can be read, but new runs are refused (run_dir)
+        self.artifacts_root: Path | None = (
+            Path(artifacts).expanduser().resolve() if artifacts is not None
+            else self.path.parent / "runs" if self.path is not None
+            else Path.cwd() / "runs" if self.is_sqlite else None
+        )
         if self.path is not None and not create and not self.path.exists():
             raise StoreError(f"no results store at {self.path} (run an experiment first, or pass --db)")
         if self.path is not None and not self.path.parent.is_dir():
             raise StoreError(f"cannot create the store {self.path}: directory {self.path.parent} does not exist")
-        self.engine = sa.create_engine(self.url, future=True)
+        self.engine = self._engine()
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._prepare()
@@ -100,27 +154,42 @@ class Store:
 
     @property
     def location(self) -> str:
-        """The store as messages name it: its file, else its URL."""
-        return str(self.path or self.url)
+        """The store as messages name it: its file, else its URL with the password masked."""
+        return str(self.path or mask_url(self.url))
+
+    def _engine(self) -> sa.Engine:
+        """The engine, or one line saying why there is none (a driver not installed, not a URL)."""
+        try:
+            return sa.create_engine(self.url, future=True, **_engine_options(self.url))
+        except ModuleNotFoundError as exc:
+            extra = " (pip install 'runner-dl[postgres]')" if self.url.startswith("postgresql") else ""
+            raise StoreError(f"cannot use the store {self.location}: its driver {exc.name} is not installed{extra}") from None
+        except (ArgumentError, NoSuchModuleError) as exc:
+            raise StoreError(f"cannot use the store {self.location}: {_hide_password(str(exc), self.url)}") from None
 
     # ---- schema -------------------------------------------------------------------------------
     def _prepare(self) -> None:
         try:
             _retrying(self._create_or_check_schema)
-        except DatabaseError as exc:
+        except DBAPIError as exc:  # a file that is not a database; a server that refuses, a wrong password, no such database
             message = str(exc.orig) if getattr(exc, "orig", None) else str(exc)
-            raise StoreError(f"cannot use the store {self.location}: {message.splitlines()[0]}") from None
+            first = message.strip().splitlines()[0] if message.strip() else type(exc.orig).__name__
+            raise StoreError(f"cannot use the store {self.location}: {_hide_password(first, self.url)}") from None
 
     @contextmanager
     def _schema_transaction(self) -> Iterator[sa.Connection]:
         """A transaction holding SQLite's write lock from its first statement.
 
         Several processes may open a new or old store at once: each checks the schema version and
-        creates or migrates only under the lock, so exactly one of them does the work.
+        creates or migrates only under the lock, so exactly one of them does the work. A server
+        database takes an advisory lock held to the end of the transaction instead (its DDL is
+        transactional, so a second process sees the finished schema or none of it).
         """
         with self.engine.begin() as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+            elif conn.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK)))
             yield conn
 
     def _create_or_check_schema(self) -> None:
@@ -176,7 +245,9 @@ class Store:
         return uuid.uuid4().hex[:12]
 
     def run_dir(self, run_id: str) -> Path:
-        """Where a new run's artefacts go."""
+        """Where a new run's artefacts go; a server store without an artefact directory refuses (see :func:`artifacts_required`)."""
+        if self.artifacts_root is None:
+            raise StoreError(artifacts_required(self.url, None) or "no artefact directory")
         return self.artifacts_root / run_id
 
     def artifact_path(self, stored: str | os.PathLike[str]) -> Path:
@@ -191,9 +262,16 @@ class Store:
         """An artefact path as a row holds it (the inverse of :meth:`artifact_path`)."""
         return str(path)
 
-    def artifacts_dir(self, row: dict[str, Any]) -> Path:
-        """A run's artefact directory, from its row (``run_row``): the stored one, else :meth:`run_dir`."""
-        return self.artifact_path(row["artifacts_dir"]) if row["artifacts_dir"] else self.run_dir(row["id"])
+    def artifacts_dir(self, row: dict[str, Any], must_exist: bool = False) -> Path:
+        """A run's artefact directory, from its row (``run_row``): the stored one, else :meth:`run_dir`.
+
+        ``must_exist``: the run wrote artefacts there, so a missing directory (a shared directory not
+        mounted on this machine) is one line naming it, never a run that quietly starts over.
+        """
+        directory = self.artifact_path(row["artifacts_dir"]) if row["artifacts_dir"] else self.run_dir(row["id"])
+        if must_exist and not directory.is_dir():
+            raise StoreError(missing_artifacts(row["id"], directory))
+        return directory
 
 
-__all__ = ["Store", "resolve_url", "DEFAULT_DB", "DB_ENV"]
+__all__ = ["Store", "resolve_url", "mask_url", "artifacts_required", "missing_artifacts", "DEFAULT_DB", "DB_ENV", "ARTIFACTS_ENV"]
