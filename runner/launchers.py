@@ -125,14 +125,25 @@ class SlurmWorkerJob:
 
         process, self._process = self._process, None
         if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                process.wait()
+            _stop(process.pid)
             Store(create=False).queue.requeue_stopped(self.sweep_id, process.pid)
         return submitit.helpers.DelayedSubmission(self, index)
 
     def __getstate__(self) -> dict[str, Any]:  # submitit pickles the job it requeues; a process does not pickle
         return {**self.__dict__, "_process": None}
+
+
+def _stop(pid: int) -> None:
+    """SIGTERM the worker and wait for it to end (it stores its run ``interrupted``).
+
+    This runs in submitit's signal handler, on top of ``Popen.wait`` in :meth:`SlurmWorkerJob.__call__`,
+    which holds the Popen's wait lock: so the process is signalled and reaped by pid, not through the Popen.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):  # it had already ended (and been reaped)
+        pass
 
 
 def _import_submitit() -> Any:
