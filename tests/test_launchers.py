@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ def test_the_ray_launcher_runs_a_sweep_as_ray_tasks_on_a_local_cluster_and_leave
     started = time.time()
     ray_dir = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths must stay under 107 characters
     monkeypatch.setenv("RAY_TMPDIR", str(ray_dir))
+    # a new local cluster uses token authentication, with a token Ray would otherwise write to ~/.ray/auth_token
+    monkeypatch.setenv("RAY_AUTH_TOKEN", uuid.uuid4().hex)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(ray_dir), log_to_driver=False)
     try:
