@@ -7,6 +7,7 @@ where the test is about processes: worker processes (-j 2, `runner worker`), SIG
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -266,6 +267,57 @@ def test_each_local_worker_gets_its_share_of_the_cores_and_one_device_set_before
     assert [workers.threads_per_worker(jobs, cores=2) for jobs in (1, 2, 3)] == [2, 1, 1]
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_one_display_follows_the_sweep_runs_done_running_with_their_epoch_failed_and_queued(tmp_path: Path) -> None:
+    from runner.store import new_owner
+    from runner.sweep_progress import SweepDisplay, progress_text
+
+    store = Store(tmp_path / "results.db")
+    sweep_id = _queue(store, 4)
+    failed = store.queue.claim(new_owner(), 30.0, sweep_id)
+    owner = new_owner()
+    running = store.queue.claim(owner, 30.0, sweep_id)
+    store.runs.finish(failed.run_id, "failed", owner=failed.owner, error="RuntimeError: boom")
+    rows = store.queue.sweep_runs(sweep_id)
+    assert progress_text(rows) == f"1 running ({running.run_id[:6]} epoch 1/1) · 1 failed · 2 queued"
+
+    log = io.StringIO()  # not a terminal (a log file, CI): one line per run as it ends, each once
+    display = SweepDisplay(store, sweep_id, "q", stream=log)
+    display.refresh()
+    display.refresh()
+    assert log.getvalue() == f"[1/4] run {failed.run_id} failed (k=1 seed=0): RuntimeError: boom\n"
+
+    terminal = Terminal()  # a terminal: one bar for the whole sweep, not a bar per worker
+    display = SweepDisplay(store, sweep_id, "q", stream=terminal)
+    display.refresh()
+    store.runs.finish(running.run_id, "completed", owner=owner)
+    display.close()
+    drawn = terminal.getvalue()
+    assert "sweep q: 0/4 runs done" in drawn and f"1 running ({running.run_id[:6]} epoch 1/1) · 1 failed · 2 queued" in drawn
+    assert "sweep q: 2/4 runs done" in drawn and "0 running · 1 failed · 2 queued" in drawn
+
+    quiet = io.StringIO()
+    SweepDisplay(store, sweep_id, "q", quiet=True, stream=quiet).close()
+    assert quiet.getvalue() == ""
+
+
+def test_the_example_sweeps_expand_and_check_as_the_readme_says(run_cli: Any) -> None:
+    experiments = Path(__file__).resolve().parent.parent / "experiments"
+    seeds = run_cli("sweep", "plan", experiments / "seeds.yaml", "--format", "json")
+    assert seeds.exit_code == 0, seeds.err
+    planned = seeds.json()
+    assert (planned["name"], planned["keys"], [r["seed"] for r in planned["runs"]]) == ("seeds", [], [0, 1, 2, 3, 4])
+    lr_sweep = run_cli("sweep", "plan", experiments / "lr_sweep.yaml", "--format", "json")
+    assert lr_sweep.exit_code == 0, lr_sweep.err
+    planned = lr_sweep.json()
+    assert planned["keys"] == [LR]
+    assert [(r["combination"][LR], r["seed"]) for r in planned["runs"]] == [(lr, s) for lr in (3e-4, 1e-3, 3e-3) for s in range(3)]
+
+
 # ------------------------------------------------------------------------------------------
 # Running sweeps
 
@@ -326,6 +378,9 @@ def test_group_by_over_the_sweep_gives_three_runs_per_configuration_and_best_pic
         assert table[lr]["n"] == 3
         assert table[lr]["test_accuracy_mean"] == pytest.approx(statistics.mean(values), abs=1e-12)
         assert table[lr]["test_accuracy_std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+
+    sweep_id = sweep_rows(sequential_sweep)[0]["sweep_id"]
+    assert run_cli("report", "--db", sequential_sweep, "--sweep", sweep_id, "--format", "json").json() == groups.json()  # by id
 
     best_lr = max(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
     other = next(lr for lr in by_lr if lr != best_lr)
