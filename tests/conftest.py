@@ -245,14 +245,21 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A new store's ``--db`` value, once on SQLite (a file) and once on PostgreSQL (a new database
-    of the session's server, with RUNNER_ARTIFACTS set as a server store needs)."""
+def new_store_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], str]:
+    """A maker of new stores' ``--db`` values, once on SQLite (files) and once on PostgreSQL (new
+    databases of the session's server, with RUNNER_ARTIFACTS set as a server store needs)."""
     if request.param == "sqlite":
-        return str(tmp_path / "results.db")
+        made = iter(range(1_000_000))
+        return lambda: str(tmp_path / f"results{next(made) or ''}.db")
     server: PostgresServer = request.getfixturevalue("postgres_server")
     monkeypatch.setenv("RUNNER_ARTIFACTS", str(tmp_path / "runs"))
-    return server.new_database()
+    return server.new_database
+
+
+@pytest.fixture
+def store_db(new_store_db: Callable[[], str]) -> str:
+    """A new store's ``--db`` value, on SQLite and on PostgreSQL (see ``new_store_db``)."""
+    return new_store_db()
 
 
 def execute_sql(db: str | Path, statement: str, **params: Any) -> None:
