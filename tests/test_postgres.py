@@ -244,3 +244,14 @@ def test_a_worker_killed_mid_run_leaves_it_to_be_requeued_after_the_lease_and_re
     assert f"run {row['id']} completed" in second.stderr  # the second worker took it: requeued by its claim pass
     assert len(epoch_metrics(url)[row["id"]]) == epochs * METRICS_PER_EPOCH  # each epoch stored once
     assert row["stop_reason"] != "error"
+
+
+def test_a_database_of_another_program_is_refused_in_one_line_and_left_alone(run_cli: Any, postgres_server: PostgresServer,
+                                                                             tmp_path: Path) -> None:
+    url = postgres_server.new_database()
+    from conftest import execute_sql
+
+    execute_sql(url, "CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    result = run_cli("run", TINY_SPEC, "--db", url, "--artifacts", tmp_path / "runs")
+    assert (result.exit_code, result.err.strip()) == (2, f"error: {mask_url(url)} holds tables but is not a runner results store")
+    assert tables_of(url) == ["orders"] and not (tmp_path / "runs").exists()
