@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from conftest import PG_PASSWORD_USER, TINY_SPEC, PostgresServer, _free_port, builtin_registries, query_sql
+from conftest import TINY_SPEC, builtin_registries, query_sql
+from pg_server import PG_PASSWORD_USER, PostgresServer, free_port
 from runner.store import Store, artifacts_required, mask_url
 
 METRICS_PER_EPOCH = 4
@@ -47,7 +48,7 @@ BAD_URLS = {
     # case: (how the URL is wrong, the words of its one line)
     "wrong password": (lambda s: s.url("postgres", *PG_PASSWORD_USER[:1], password="not-the-password"),
                        f'password authentication failed for user "{PG_PASSWORD_USER[0]}"'),
-    "unreachable host": (lambda s: s.url("postgres", password="s3cret-too", port=_free_port()), "Connection refused"),
+    "unreachable host": (lambda s: s.url("postgres", password="s3cret-too", port=free_port()), "Connection refused"),
     "missing database": (lambda s: s.url("no_such_db", password="s3cret-too"), 'database "no_such_db" does not exist'),
 }
 
