@@ -256,3 +256,32 @@ def test_a_database_of_another_program_is_refused_in_one_line_and_left_alone(run
     result = run_cli("run", TINY_SPEC, "--db", url, "--artifacts", tmp_path / "runs")
     assert (result.exit_code, result.err.strip()) == (2, f"error: {mask_url(url)} holds tables but is not a runner results store")
     assert tables_of(url) == ["orders"] and not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# The other commands on a PostgreSQL store
+
+
+def test_a_sweep_its_status_report_and_a_reproduction_on_a_postgresql_store(run_cli: Any, postgres_server: PostgresServer,
+                                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_sweeps import write_spec
+
+    url = postgres_server.new_database()
+    monkeypatch.setenv("RUNNER_DB", url)
+    monkeypatch.setenv("RUNNER_ARTIFACTS", str(tmp_path / "shared"))
+    spec = write_spec(tmp_path, name="pg_sweep", seeds=2, sweep={"grid": {"training.optimizer.lr": [0.003, 0.01]}}, training={"epochs": 1})
+    swept = run_cli("sweep", "run", spec, "-q")
+    assert swept.exit_code == 0, swept.err
+    status = run_cli("sweep", "status", "pg_sweep", "--format", "json").json()
+    assert status["counts"] == {"completed": 4} and [r["attempts"] for r in status["runs"]] == [1, 1, 1, 1]
+    assert [r["name"] for r in run_cli("sweep", "list", "--format", "json").json()] == ["pg_sweep"]
+    best = run_cli("report", "--sweep", "pg_sweep", "--best", "test_accuracy", "--format", "json")
+    assert best.exit_code == 0, best.err
+    groups = best.json()["groups"]
+    assert sorted(g["training.optimizer.lr"] for g in groups) == [0.003, 0.01] and {g["n"] for g in groups} == {2}
+
+    run_id = status["runs"][0]["id"]
+    reproduced = run_cli("reproduce", run_id, "-q")
+    assert reproduced.exit_code == 0, reproduced.err
+    assert reproduced.out.startswith("identical: run ")
+    assert len(run_cli("runs", "--format", "json").json()) == 5
