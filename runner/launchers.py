@@ -10,8 +10,8 @@ holds all state, so a sweep started with one launcher can be finished with anoth
   ``runner worker``, on the cluster at ``--ray-address`` or on a local one started here. Ray places
   the GPUs: a task's worker sees only the devices Ray gave it.
 
-The store's URL reaches a worker through its environment (``RUNNER_DB``), never a command line; a
-Slurm job inherits the submitting environment, a Ray task gets it in its ``runtime_env``.
+The store's URL reaches a worker through its environment (``RUNNER_DB``), never a command line: a
+Slurm job inherits the submitting environment, a Ray task gets it as an argument and sets it for its worker.
 
 Every launcher has the interface the sweep command waits on (:func:`runner.workers.wait_for`):
 ``running()``, ``send(signum)``, ``wait()``, ``problems()`` and ``close()``.
@@ -19,6 +19,7 @@ Every launcher has the interface the sweep command waits on (:func:`runner.worke
 
 from __future__ import annotations
 
+import difflib
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -36,7 +37,7 @@ from runner.store import ARTIFACTS_ENV, DB_ENV, Store
 # what a worker's exit code means is runner.workers' (0, 1, 130, 143: it ended as designed); that
 # module loads torch, which the sweep command's planning must not need, so it is imported where used
 
-LAUNCHERS = ("local", "slurm", "ray")
+LauncherName = Literal["local", "slurm", "ray"]
 
 
 class LauncherSection(BaseModel):
@@ -44,14 +45,14 @@ class LauncherSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("local", pattern="^(local|slurm|ray)$")
+    name: LauncherName = "local"
     jobs: int | None = Field(None, ge=1)  # workers, as -j
     slurm_partition: str | None = None
     slurm_time: int = Field(60, ge=1)  # minutes a job may run before Slurm stops (and submitit requeues) it
     slurm_gpus_per_task: int | None = Field(None, ge=0)
     slurm_cpus_per_task: int | None = Field(None, ge=1)
     slurm_folder: str = "submitit"  # job scripts and logs, on a filesystem the nodes share
-    slurm_cluster: str = Field("slurm", pattern="^(slurm|local)$")  # local: submitit's local executor, the same path on this machine
+    slurm_cluster: Literal["slurm", "local"] = "slurm"  # local: submitit's local executor, the same path on this machine
     slurm_max_requeues: int = Field(3, ge=0)  # how often a preempted or timed-out job comes back
     ray_address: str | None = None  # an existing cluster ("auto", "ray://host:10001"); None: a local one
     ray_num_cpus: float = Field(1, gt=0)
@@ -65,6 +66,9 @@ def launcher_section(raw: Any, label: str) -> LauncherSection:
     except ValidationError as exc:
         error = exc.errors()[0]
         key = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, list(LauncherSection.model_fields), n=1)
+            raise RunnerError(f"{label}: unknown key 'launcher.{key}'" + (f"; did you mean 'launcher.{close[0]}'?" if close else "")) from None
         raise RunnerError(f"{label}: launcher.{key}: {error['msg']}") from None
 
 
@@ -263,7 +267,8 @@ class RayWorkers:
         threads = max(1, int(section.ray_num_cpus))
         task = ray.remote(num_cpus=section.ray_num_cpus, num_gpus=section.ray_num_gpus)(run_worker_process)
         argv = worker_command(store, sweep_id, threads)
-        refs = [task.options(runtime_env={"env_vars": _store_env(store)}).remote(argv, {}) for _ in range(jobs)]
+        # the store's URL goes as an argument (held in Ray's object store), not in a runtime_env Ray would log
+        refs = [task.remote(argv, _store_env(store)) for _ in range(jobs)]
         return cls(ray, refs, started)
 
     def _collect(self) -> None:
@@ -322,5 +327,5 @@ def start_workers(store: Store, sweep_id: str, jobs: int, section: LauncherSecti
     return LocalWorkers.start(store, sweep_id, jobs, devices, threads=threads_per_worker(jobs))
 
 
-__all__ = ["LAUNCHERS", "LauncherSection", "launcher_section", "with_options", "start_workers", "SlurmWorkers", "SlurmWorkerJob",
+__all__ = ["LauncherName", "LauncherSection", "launcher_section", "with_options", "start_workers", "SlurmWorkers", "SlurmWorkerJob",
            "RayWorkers", "run_worker_process"]

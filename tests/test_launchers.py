@@ -112,3 +112,9 @@ def _new_ray_entries(home: Path, before: set[str], started: float) -> list[str]:
     """Paths under the home directory named for Ray that are new, or changed since the test began."""
     return sorted(str(p) for p in _walk(home, depth=3)
                   if "ray" in p.name.lower() and (str(p) not in before or p.stat().st_mtime >= started))
+
+
+def test_an_unknown_launcher_key_names_the_closest_one(run_cli: Any, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, name="bad", seeds=2, launcher={"name": "slurm", "slurm_partitoin": "gpu"})
+    result = run_cli("sweep", "plan", spec)
+    assert (result.exit_code, result.err.strip()) == (2, f"error: {spec}: unknown key 'launcher.slurm_partitoin'; did you mean 'launcher.slurm_partition'?")
