@@ -138,6 +138,11 @@ def test_runs_record_their_artifact_directory_and_a_missing_one_is_named(
     result = run_cli("resume", run_id, "--db", url)
     assert (result.exit_code, result.err.strip()) == (2, line)
 
+    shutil.move(tmp_path / "elsewhere", run_dir)  # mounted again: resume finds the run's checkpoint from its row
+    resumed = run_cli("resume", run_id, "--db", url, "-q")
+    assert resumed.exit_code == 0, resumed.err
+    assert query_sql(url, "SELECT status, attempts FROM runs") == [{"status": "completed", "attempts": 2}]
+
 
 # ------------------------------------------------------------------------------------------
 # Claims across processes
