@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from pg_server import PG_PASSWORD_USER, PostgresServer, free_port, throwaway_server, why_no_server  # noqa: F401 (re-exported)
+from pg_server import PostgresServer, throwaway_server, why_no_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = Path(__file__).resolve().parent / "specs"

@@ -5,13 +5,10 @@ workers on several processes claiming one queue at once, one of them killed mid-
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -174,18 +171,6 @@ def test_a_claim_skips_a_run_another_transaction_holds_instead_of_waiting_for_it
     assert [r["status"] for r in store.queue.sweep_runs(sweep_id)] == ["queued", "running", "queued"]
 
 
-WORKER_AT_ONCE = """
-import os, sys, time
-import torch, torchvision  # noqa: F401
-import runner.cli, runner.execute, runner.workers  # noqa: F401
-gate = sys.argv[1]
-open(f"{gate}.ready.{os.getpid()}", "w").close()
-while not os.path.exists(gate):
-    time.sleep(0.001)
-runner.cli.main(sys.argv[2:])
-"""
-
-
 def _tiny_sweep(directory: Path, name: str, seeds: int, epochs: int, **changes: Any) -> Any:
     from test_sweeps import write_spec
 
@@ -201,7 +186,7 @@ def test_four_workers_started_at_the_same_instant_on_forty_queued_runs_complete_
     postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
     from test_concurrency import start_at_once
-    from test_sweeps import epoch_metrics, sweep_rows
+    from test_sweeps import WORKER_AT_ONCE, epoch_metrics, sweep_rows
 
     from runner.sweeps import queue_sweep
 
