@@ -80,7 +80,7 @@ class Run:
     class_names: list[str]
     tags: list[str]
     spec: dict[str, Any]  # the resolved spec
-    db: str  # the store's URL
+    db: str = field(repr=False)  # the store's URL (it may hold a password: left out of the repr)
     details: dict[str, Any] = field(repr=False, default_factory=dict)  # everything `runner show` prints
 
     @classmethod
