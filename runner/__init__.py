@@ -80,7 +80,7 @@ class Run:
     class_names: list[str]
     tags: list[str]
     spec: dict[str, Any]  # the resolved spec
-    db: str  # the store's URL
+    db: str = field(repr=False)  # the store's URL (it may hold a password: left out of the repr)
     details: dict[str, Any] = field(repr=False, default_factory=dict)  # everything `runner show` prints
 
     @classmethod
@@ -129,16 +129,21 @@ def run(
 
     :param spec: a YAML file path, a mapping with the same keys, or a typed :class:`Spec`.
     :param overrides: dotted ``key=value`` overrides, as ``--set`` takes them (``"training.epochs=3"``).
-    :param db: the results store (created if missing); ``artifacts``: where checkpoints go.
+    :param db: the results store (created if missing); ``artifacts``: where checkpoints go (default
+        ``RUNNER_ARTIFACTS``, else ``runs/`` beside an SQLite file; required for a server store).
     :param device: overrides the spec's device (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``).
     :raises TrainingFailed: training raised; the run is stored as failed.
     """
     from runner.performance import contention_defaults
 
     contention_defaults()  # when torch is not loaded yet: OpenMP threads that sleep while they wait
+    from runner.errors import RunnerError
     from runner.execute import run_experiment
-    from runner.store import Store
+    from runner.store import Store, artifacts_required, resolve_url
 
+    reason = artifacts_required(resolve_url(db), artifacts)  # a server store needs an artefact directory, before any work
+    if reason is not None:
+        raise RunnerError(reason)
     store = Store(db, artifacts=artifacts, create=True)
     source = dict(spec) if isinstance(spec, Mapping) else spec
     outcome = run_experiment(source, list(overrides), store=store, registries=_registries(registries), device=device, quiet=quiet)

@@ -17,6 +17,8 @@ from runner.version import __version__
 RUNS_SHOWN = 50  # `runner runs` in a terminal: the newest page, however big the store
 
 db_option = click.option("--db", envvar="RUNNER_DB", default=None, metavar="URL|PATH", help="Results store (default: results.db; env RUNNER_DB).")
+artifacts_option = click.option("--artifacts", envvar="RUNNER_ARTIFACTS", default=None, metavar="DIR",
+                                help="Where run artefacts go (default: runs/ beside an SQLite store; required for a server store; env RUNNER_ARTIFACTS).")
 
 
 def _store(db: str | None, artifacts: str | None = None, create: bool = True) -> Any:
@@ -33,6 +35,15 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 def _printable(text: str) -> str:
     """``text`` with control characters shown as escapes (``\\x1b``), never obeyed by the terminal."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
+def _check_artifacts(db: str | None, artifacts: str | None) -> None:
+    """Before any work: new runs in a server store need an artefact directory every worker can reach."""
+    from runner.store import artifacts_required, resolve_url
+
+    reason = artifacts_required(resolve_url(db), artifacts)
+    if reason is not None:
+        raise RunnerError(reason)
 
 
 def _echo_json(value: Any) -> None:
@@ -111,7 +122,7 @@ sweep_options = _options(
     click.option("--max-attempts", type=click.IntRange(min=1), default=None, help="Starts a failed or lost run of a sweep gets (default 2)."),
 )
 worker_options = _options(
-    click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes for a sweep."),
+    click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Workers for a sweep (default 1, or the spec's launcher.jobs)."),
     click.option("--devices", default=None, metavar="I,J", help="CUDA devices for the workers: worker k uses device k mod their count."),
 )
 
@@ -120,7 +131,7 @@ def _devices(text: str | None) -> list[str]:
     return [d.strip() for d in (text or "").split(",") if d.strip()]
 
 
-def _run_sweep(document: Any, db: str | None, artifacts: str | None, jobs: int, devices: str | None, quiet: bool) -> None:
+def _run_sweep(document: Any, db: str | None, artifacts: str | None, jobs: int | None, devices: str | None, quiet: bool) -> None:
     """Plan every run of the sweep (nothing stored on a bad one), queue them, let workers run them, print the outcome."""
     from runner import exit_hook
     from runner.sweeps import plan_sweep, run_sweep
@@ -128,6 +139,7 @@ def _run_sweep(document: Any, db: str | None, artifacts: str | None, jobs: int, 
     exit_hook.install()
     registries = _load_registries()
     planned = plan_sweep(document, registries)  # a bad combination must fail before the store is touched
+    jobs = jobs or document.launcher.jobs or 1
     outcome = run_sweep(document, planned, _store(db, artifacts), registries, jobs=jobs, devices=_devices(devices), quiet=quiet)
     for line in outcome.lines():
         click.echo(line, err=True)
@@ -140,7 +152,7 @@ def _run_sweep(document: Any, db: str | None, artifacts: str | None, jobs: int, 
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted path); repeatable.")
 @db_option
-@click.option("--artifacts", default=None, metavar="DIR", help="Where run artefacts go (default: runs/ beside the store).")
+@artifacts_option
 @click.option("--device", default=None, help="Override the spec's device (auto, cpu, cuda, cuda:N, mps).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sweep_options
@@ -148,7 +160,7 @@ def _run_sweep(document: Any, db: str | None, artifacts: str | None, jobs: int, 
 @nproc_option
 @click.pass_context
 def run(ctx: click.Context, spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str | None, device: str | None,
-        quiet: bool, grid: tuple[str, ...], seeds: str | None, max_attempts: int | None, jobs: int, devices: str | None,
+        quiet: bool, grid: tuple[str, ...], seeds: str | None, max_attempts: int | None, jobs: int | None, devices: str | None,
         nproc: int | None) -> None:
     """Train the experiment in SPEC and print the new run's id; a sweep prints its id (see `runner sweep`).
 
@@ -158,13 +170,14 @@ def run(ctx: click.Context, spec: Path, overrides: tuple[str, ...], db: str | No
     from runner.spec import load_spec
     from runner.sweeps import load_sweep
 
+    _check_artifacts(db, artifacts)
     document = load_sweep(spec, [*overrides, *([f"device={device}"] if device else [])], grid, seeds, max_attempts)
     if document is not None:
         if nproc is not None:
             raise RunnerError("--nproc trains one run across processes; a sweep runs many: use -j N for its worker processes")
         _run_sweep(document, db, artifacts, jobs, devices, quiet)
         return
-    if jobs != 1 or devices:
+    if jobs not in (None, 1) or devices:
         raise RunnerError("-j and --devices run the workers of a sweep: add --sweep KEY=V1,V2 or --seeds, or sweep:/seeds: to the spec")
     checked = load_spec(spec, list(overrides))  # a bad spec must fail before the store is touched
     if nproc is not None:
@@ -484,7 +497,7 @@ def summary(spec: Path, overrides: tuple[str, ...]) -> None:
 
 @cli.command()
 @db_option
-@click.option("--artifacts", default=None, metavar="DIR", help="Where new run directories go (default: runs/ beside the store).")
+@artifacts_option
 @click.option("--sweep", "sweep_ref", default=None, metavar="ID|NAME", help="Only runs of this sweep (default: of any sweep, oldest first).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads (unless a spec sets performance.threads).")
 @click.option("--quiet", "-q", is_flag=True, help="Say only what failed.")
@@ -550,25 +563,50 @@ def sweep_plan(spec: Path, overrides: tuple[str, ...], grid: tuple[str, ...], se
         click.echo(f"{p.run.index:>{width}}  {p.spec_hash[:12]}  {combination_label(p.run.combination, p.seed)}")
 
 
+# Where a sweep's workers run (``sweep run``); each overrides the spec's ``launcher:`` section
+launcher_options = _options(
+    click.option("--launcher", type=click.Choice(["local", "slurm", "ray"]), default=None,
+                 help="local: worker processes here (default); slurm: a job array through submitit; ray: Ray tasks."),
+    click.option("--slurm-partition", default=None, help="Slurm partition of the job array."),
+    click.option("--slurm-time", type=click.IntRange(min=1), default=None, help="Minutes per job before Slurm stops and submitit requeues it (default 60)."),
+    click.option("--slurm-gpus-per-task", type=click.IntRange(min=0), default=None, help="GPUs per worker job."),
+    click.option("--slurm-cpus-per-task", type=click.IntRange(min=1), default=None, help="CPUs per worker job (also its torch threads)."),
+    click.option("--slurm-folder", default=None, metavar="DIR", help="Job scripts and logs, on a shared filesystem (default: ./submitit)."),
+    click.option("--slurm-cluster", type=click.Choice(["slurm", "local"]), default=None,
+                 help="local: submitit's local executor, the Slurm code path as processes on this machine."),
+    click.option("--ray-address", default=None, metavar="ADDRESS", help="A running Ray cluster (auto, ray://HOST:10001); default: start a local one."),
+    click.option("--ray-num-cpus", type=click.FloatRange(min=0, min_open=True), default=None, help="CPUs per worker task (default 1)."),
+    click.option("--ray-num-gpus", type=click.FloatRange(min=0), default=None, help="GPUs per worker task (default 0); Ray places them."),
+)
+
+
 @sweep.command("run")
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted path); repeatable.")
 @db_option
-@click.option("--artifacts", default=None, metavar="DIR", help="Where run artefacts go (default: runs/ beside the store).")
+@artifacts_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @sweep_options
 @worker_options
+@launcher_options
 def sweep_run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts: str | None, quiet: bool, grid: tuple[str, ...],
-              seeds: str | None, max_attempts: int | None, jobs: int, devices: str | None) -> None:
+              seeds: str | None, max_attempts: int | None, jobs: int | None, devices: str | None, **launcher: Any) -> None:
     """Queue every run of the sweep in SPEC (or continue the same sweep) and run them with -j workers; print the sweep id.
 
+    The workers run here, as a Slurm job array or as Ray tasks (--launcher, or the spec's launcher:
+    section); all state is in the store, so a sweep started with one launcher can be finished with another.
     Exit code 0 when every run completed, 1 when any failed (one line each), 130 on Ctrl-C.
     """
+    from dataclasses import replace
+
+    from runner.launchers import with_options
     from runner.sweeps import load_sweep
 
+    _check_artifacts(db, artifacts)
     document = load_sweep(spec, overrides, grid, seeds, max_attempts)
     if document is None:
         raise RunnerError(f"{spec} is not a sweep: it has no sweep: or seeds: section (or give --sweep KEY=V1,V2 / --seeds)")
+    document = replace(document, launcher=with_options(document.launcher, name=launcher.pop("launcher"), **launcher))
     _run_sweep(document, db, artifacts, jobs, devices, quiet)
 
 
@@ -694,13 +732,15 @@ def export(run_id: str, fmt: str, output: Path, checkpoint: str, db: str | None)
 @cli.command()
 @click.argument("run_id")
 @db_option
+@artifacts_option
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def reproduce(run_id: str, db: str | None, fmt: str, quiet: bool) -> None:
+def reproduce(run_id: str, db: str | None, artifacts: str | None, fmt: str, quiet: bool) -> None:
     """Re-run RUN_ID's stored resolved spec into a new run and compare per-epoch metrics (exit 1 if they differ)."""
     from runner.reproduce import reproduce_run
 
-    result = reproduce_run(_store(db, create=False), run_id, _load_registries(), quiet=quiet)
+    _check_artifacts(db, artifacts)
+    result = reproduce_run(_store(db, artifacts, create=False), run_id, _load_registries(), quiet=quiet)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if fmt == "json":

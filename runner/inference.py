@@ -26,7 +26,7 @@ from runner.files import sha256_file
 from runner.optim import build_loss
 from runner.plan import RunPlan, plan, resolve_device, stored_plan
 from runner.spec import Spec, load_spec
-from runner.store import Store
+from runner.store import Store, missing_artifacts
 from runner.tensor_files import load_state_dict_file
 from runner.training import evaluate
 from runner.transforms import build_transform, describe
@@ -98,6 +98,8 @@ def checkpoint_path(store: Store, run_id: str, kind: str) -> tuple[Path, dict[st
         raise InferenceError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {kind!r}")
     kept = store.query.checkpoints(run_id)
     record = kept.get(kind)
+    if record is not None and not record["path"].parent.is_dir():
+        raise InferenceError(missing_artifacts(run_id, record["path"].parent))
     if record is None or not record["path"].is_file():
         others = [k for k in CHECKPOINTS if k != kind and k in kept and kept[k]["path"].is_file()]
         hint = f"; it has a {others[0]} checkpoint (--checkpoint {others[0]})" if others else ""

@@ -112,7 +112,7 @@ def resume_run(run_id: str, store: Store | None, registries: Registries, quiet: 
         check_resumable(row)
         run_plan = resumed_plan(row, registries, store)
         check_processes(row["id"], run_plan, collective)
-        run_dir = store.artifacts_dir(row)
+        run_dir = store.artifacts_dir(row, must_exist=bool(store.query.checkpoints(row["id"])))
         return row, run_plan, run_dir, load_last_checkpoint(run_dir)
 
     row, run_plan, run_dir, state = collective.from_rank0(read_run)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runner.errors import RunnerError, SpecError
+from runner.launchers import LauncherSection, launcher_section, start_workers
 from runner.spec import SWEEP_SECTIONS, Spec, apply_overrides, parse_yaml, read_mapping, set_key, validate_mapping
 from runner.store import Store
 from runner.store.queue import QueuedRun, SweepRecord
@@ -168,6 +169,7 @@ class SweepDocument:
     seeds: tuple[int, ...] | None  # None: every configuration runs once, with the base spec's seed
     label: str  # the spec file, for messages
     base_dir: str  # where the spec's relative paths point
+    launcher: LauncherSection = field(default_factory=LauncherSection)  # where its workers run (not part of the sweep)
 
     @property
     def name(self) -> str:
@@ -191,6 +193,7 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: Sequence[str] = (
     sections = {key: raw.pop(key) for key in SWEEP_SECTIONS if key in raw}
     if not sections and not grid_flags and seeds_flag is None:
         return None
+    launcher = launcher_section(raw.pop("launcher", None), label)
     raw = apply_overrides(raw, list(overrides))
     try:
         section = SweepSection.model_validate(sections.get("sweep") or {})
@@ -209,7 +212,7 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: Sequence[str] = (
         seeds = None
     if base_dir is None:
         base_dir = str(Path(source).parent) if isinstance(source, (str, Path)) else "."
-    document = SweepDocument(raw, section, seeds, label, base_dir)
+    document = SweepDocument(raw, section, seeds, label, base_dir, launcher)
     _check_keys(document)
     return document
 
@@ -411,7 +414,8 @@ def plan_sweep(document: SweepDocument, registries: Registries) -> list[PlannedR
 def run_sweep(document: SweepDocument, planned: Sequence[PlannedRun], store: Store, registries: Registries, *, jobs: int = 1,
               devices: Sequence[str] = (), quiet: bool = True) -> SweepOutcome:
     """Queue the sweep (or continue it), train shared upstream experiments once, and let ``jobs``
-    workers empty its queue: in this process for one job, else as worker processes."""
+    workers empty its queue: in this process for one local job, else as worker processes of the
+    sweep's launcher (``document.launcher``: here, a Slurm job array, Ray tasks)."""
     queued = queue_sweep(store, document, planned)
     rows = store.queue.sweep_runs(queued.sweep_id)
     if not quiet:
@@ -421,7 +425,7 @@ def run_sweep(document: SweepDocument, planned: Sequence[PlannedRun], store: Sto
     if waiting:
         prepare_shared_inputs(document, [p for p in planned if p.run.index in waiting], store, registries, quiet)
         problems = execute_queue(store, registries, queued.sweep_id, document.name, jobs=min(jobs, len(waiting)),
-                                 devices=devices, quiet=quiet)
+                                 devices=devices, quiet=quiet, launcher=document.launcher)
     return SweepOutcome(queued.sweep_id, document.name, store.queue.sweep_runs(queued.sweep_id), problems)
 
 
@@ -434,20 +438,21 @@ def _queued_line(name: str, queued: QueuedSweep, rows: list[dict[str, Any]]) -> 
 
 
 def execute_queue(store: Store, registries: Registries, sweep_id: str, name: str, *, jobs: int, devices: Sequence[str] = (),
-                  quiet: bool = True) -> list[str]:
+                  quiet: bool = True, launcher: LauncherSection | None = None) -> list[str]:
     """Workers empty the sweep's queue under one progress display; what went wrong with worker processes.
 
     A stop signal stops the workers (their runs are stored ``interrupted``) and raises :class:`SweepInterrupted`.
     """
-    from runner.workers import LocalWorkers, wait_for, work
+    from runner.workers import wait_for, work
 
+    launcher = launcher or LauncherSection()
     display = SweepDisplay(store, sweep_id, name, quiet=quiet)
     try:
-        if jobs == 1 and not devices:
+        if launcher.name == "local" and jobs == 1 and not devices:
             with display.polling():
                 work(store, registries, sweep_id=sweep_id)
             return []
-        workers = LocalWorkers.start(store, sweep_id, jobs, devices)
+        workers = start_workers(store, sweep_id, jobs, launcher, devices)
         try:
             wait_for(workers, display.refresh)
             return workers.problems()

@@ -144,7 +144,7 @@ def prepare(store: Store, registries: Registries, claim: Claim) -> Prepared:
     any other starts from its stored resolved spec, planned now on this machine (device, threads).
     """
     row = store.query.run_row(claim.run_id)
-    run_dir = store.artifacts_dir(row)
+    run_dir = store.artifacts_dir(row, must_exist=claim.resume)
     state = load_last_checkpoint(run_dir) if claim.resume else None
     if state is not None:
         run_plan = resumed_plan(row, registries, store)
@@ -196,7 +196,9 @@ def threads_per_worker(jobs: int, cores: int | None = None) -> int:
 def worker_command(store: Store, sweep_id: str | None, threads: int | None = None) -> list[str]:
     """The command line of one worker process on the same artefact directory as ``store`` (the store
     itself is named in the environment, :func:`worker_environment`, so no URL shows in a process list)."""
-    argv = [sys.executable, "-m", "runner", "worker", "--artifacts", str(store.artifacts_root), "-q"]
+    argv = [sys.executable, "-m", "runner", "worker", "-q"]
+    if store.artifacts_root is not None:
+        argv += ["--artifacts", str(store.artifacts_root)]
     if sweep_id is not None:
         argv += ["--sweep", sweep_id]
     if threads is not None:

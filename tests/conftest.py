@@ -1,4 +1,5 @@
-"""Shared fixtures: a CLI invoker, a tiny spec, and one tiny trained run per test session."""
+"""Shared fixtures: a CLI invoker, a tiny spec, one tiny trained run per test session, and stores on
+SQLite and on a throwaway PostgreSQL server (``store_db``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+
+from pg_server import PostgresServer, throwaway_server, why_no_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = Path(__file__).resolve().parent / "specs"
@@ -46,6 +49,7 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     that needs a plugin names it there (see ``install`` in test_plugins_loading.py).
     """
     monkeypatch.delenv("RUNNER_DB", raising=False)
+    monkeypatch.delenv("RUNNER_ARTIFACTS", raising=False)
     monkeypatch.delenv("RUNNER_DISABLE_PLUGINS", raising=False)
     monkeypatch.delenv("RUNNER_BLOCK_PLUGINS", raising=False)
     monkeypatch.setenv("RUNNER_LOAD_PLUGINS", "")
@@ -202,3 +206,63 @@ def pip_install_offline(venv: Path, env: dict[str, str], *args: str, cwd: Path) 
     command = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     assert result.returncode == 0, result.stderr
+
+
+# PostgreSQL: one throwaway server per session (tests/pg_server.py), a new database per test
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the session (initdb + pg_ctl on a free port, data under a
+    temporary directory, fsync off), stopped and removed at the end; skipped where the binaries are absent."""
+    reason = why_no_server()
+    if reason is not None:
+        pytest.skip(reason)
+    with throwaway_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_store_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], str]:
+    """A maker of new stores' ``--db`` values, once on SQLite (files) and once on PostgreSQL (new
+    databases of the session's server, with RUNNER_ARTIFACTS set as a server store needs)."""
+    if request.param == "sqlite":
+        made = iter(range(1_000_000))
+        return lambda: str(tmp_path / f"results{next(made) or ''}.db")
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    monkeypatch.setenv("RUNNER_ARTIFACTS", str(tmp_path / "runs"))
+    return server.new_database
+
+
+@pytest.fixture
+def store_db(new_store_db: Callable[[], str]) -> str:
+    """A new store's ``--db`` value, on SQLite and on PostgreSQL (see ``new_store_db``)."""
+    return new_store_db()
+
+
+def execute_sql(db: str | Path, statement: str, **params: Any) -> None:
+    """One statement on a store of either kind, as a test reaches behind the store's back (e.g. a deadline that passed)."""
+    import sqlalchemy as sa
+
+    from runner.store import resolve_url
+
+    engine = sa.create_engine(resolve_url(db))
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(statement), params)
+    finally:
+        engine.dispose()
+
+
+def query_sql(db: str | Path, statement: str, **params: Any) -> list[dict[str, Any]]:
+    """Rows of one query on a store of either kind, as dicts."""
+    import sqlalchemy as sa
+
+    from runner.store import resolve_url
+
+    engine = sa.create_engine(resolve_url(db))
+    try:
+        with engine.connect() as conn:
+            return [dict(r) for r in conn.execute(sa.text(statement), params).mappings()]
+    finally:
+        engine.dispose()

@@ -200,6 +200,8 @@ CASES = [
     Case("store-not-a-database", "a store file that is not a database", _store_case(_garbage_store), "file is not a database"),
     Case("store-of-another-program", "an SQLite file of another program", _store_case(_foreign_store), "holds tables but is not a runner results store"),
     Case("store-too-new", "a store written by a newer runner", _store_case(_newer_store), "newer than this runner understands"),
+    Case("store-server-without-artifacts", "a PostgreSQL store without `--artifacts DIR` (or `RUNNER_ARTIFACTS`)", lambda t: ["run", spec(t, BASE), "--db", "postgresql://runner:s3cret@127.0.0.1:1/runs"], "is not a local file, so run artefacts (checkpoints) need a directory every worker can reach: give --artifacts DIR (or set RUNNER_ARTIFACTS)"),
+    Case("store-server-unreachable", "a PostgreSQL server that does not answer (the password is masked)", lambda t: ["run", spec(t, BASE), "--db", "postgresql://runner:s3cret@127.0.0.1:1/runs", "--artifacts", t / "runs"], "cannot use the store postgresql+psycopg://runner:***@127.0.0.1:1/runs: connection failed: "),
     Case("set-unknown-key", "`--set` for a key that does not exist", lambda t: _run(spec(t, BASE), "--set", "training.epoch=3"), "unknown key 'training.epoch'; did you mean 'training.epochs'?"),
     Case("set-without-value", "`--set` without `=`", lambda t: _run(spec(t, BASE), "--set", "training.epochs"), "--set expects KEY=VALUE"),
     Case("yaml-python-tag", "a YAML tag that constructs a Python object", lambda t: _run(spec(t, f"model: !!python/object/apply:os.mkdir ['{t / 'marker'}']\n")), "YAML tag not allowed", no_code_ran=True),

@@ -86,8 +86,10 @@ def start_at_once(script: str, gate: Path, argvs: list[list[str]], env: dict[str
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=timeout), *p.communicate()) for p in procs]
 
 
-def open_store_in_processes(path: Path, count: int) -> list[dict[str, Any]]:
-    results = start_at_once(OPEN_AT_ONCE, path.parent / f"gate-{count}", [[str(path)]] * count)
+def open_store_in_processes(path: Path | str, count: int, gates: Path | None = None) -> list[dict[str, Any]]:
+    """``count`` processes open the store at ``path`` (a file or a URL) at once; gates: where their barrier files go."""
+    gate = (gates or Path(path).parent) / f"gate-{count}-{time.monotonic_ns()}"
+    results = start_at_once(OPEN_AT_ONCE, gate, [[str(path)]] * count)
     assert [r.returncode for r in results] == [0] * count, [r.stderr for r in results]
     assert not any("locked" in r.stderr for r in results)
     reports = [json.loads(r.stdout) for r in results]
@@ -96,26 +98,33 @@ def open_store_in_processes(path: Path, count: int) -> list[dict[str, Any]]:
     return reports
 
 
-def schema_work_alone(path: Path) -> Counter[str]:
+def schema_work_alone(path: Path | str, gates: Path | None = None) -> Counter[str]:
     """The schema statements one process runs when it opens ``path`` with no other process about."""
-    [report] = open_store_in_processes(path, 1)
+    [report] = open_store_in_processes(path, 1, gates)
     assert report["ran"]
     return Counter(report["ran"])
 
 
-def meta_and_tables(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """Read without the store, which would create or migrate what it opens."""
-    with sqlite3.connect(path) as conn:
-        meta = conn.execute("SELECT key, value FROM meta").fetchall()
-        tables = sorted(t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+def meta_and_tables(path: Path | str) -> tuple[list[tuple[str, str]], list[str]]:
+    """Read without the store, which would create or migrate what it opens; any store."""
+    import sqlalchemy as sa
+
+    from runner.store import resolve_url
+
+    engine = sa.create_engine(resolve_url(path))
+    try:
+        with engine.connect() as conn:
+            meta = [tuple(r) for r in conn.execute(sa.text("SELECT key, value FROM meta"))]
+            tables = sorted(sa.inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
     return meta, tables
 
 
-def test_processes_creating_one_new_store_at_once_all_succeed_and_one_creates_it(tmp_path: Path) -> None:
-    (tmp_path / "alone").mkdir()
-    expected = schema_work_alone(tmp_path / "alone" / "results.db")
-    path = tmp_path / "results.db"
-    reports = open_store_in_processes(path, PROCESSES)
+def test_processes_creating_one_new_store_at_once_all_succeed_and_one_creates_it(new_store_db: Any, tmp_path: Path) -> None:
+    expected = schema_work_alone(new_store_db(), tmp_path)
+    path = new_store_db()
+    reports = open_store_in_processes(path, PROCESSES, tmp_path)
     assert [r["version"] for r in reports] == [SCHEMA_VERSION] * PROCESSES
 
     # exactly one process created the tables and stamped the version; the others found them
@@ -124,8 +133,9 @@ def test_processes_creating_one_new_store_at_once_all_succeed_and_one_creates_it
     meta, tables = meta_and_tables(path)
     assert meta == [("schema_version", str(SCHEMA_VERSION))]
     assert sorted(s.split()[2] for s in creator if s.startswith("CREATE TABLE")) == tables
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)
+    from runner.store import Store
+
+    assert Store(path, create=False).query.count_runs() == 0
 
 
 def test_processes_migrating_one_old_store_at_once_all_succeed_and_each_step_runs_once(tmp_path: Path) -> None:

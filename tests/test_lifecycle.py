@@ -109,7 +109,8 @@ def test_lost_is_derived_from_the_heartbeat_deadline() -> None:
         assert live_status(finished, now - timedelta(days=1), now) == finished
 
 
-def test_runs_show_and_report_show_a_silent_run_as_lost_and_a_beating_one_as_running(run_cli: Any, db: Path) -> None:
+def test_runs_show_and_report_show_a_silent_run_as_lost_and_a_beating_one_as_running(run_cli: Any, store_db: str) -> None:
+    db = store_db
     store = Store(db)
     fake_run(store, "silent000000", heartbeat_s=0.05)
     fake_run(store, "beating00000", heartbeat_s=60)

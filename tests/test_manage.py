@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+
+from conftest import execute_sql, query_sql
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -19,22 +24,35 @@ def train(run_cli, tiny_spec, db, *overrides: str) -> str:
     return result.out.strip()
 
 
-def query(db: Path, sql: str, *args: object) -> list[tuple]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql, args).fetchall()
+def query(db: Path | str, sql: str, *args: object) -> list[tuple]:
+    """Rows of ``sql`` (``?`` placeholders) on a store of either kind, as tuples."""
+    names = iter(range(len(args)))
+    statement = re.sub(r"\?", lambda _: f":p{next(names)}", sql)
+    return [tuple(r.values()) for r in query_sql(db, statement, **{f"p{i}": a for i, a in enumerate(args)})]
 
 
-def run_files(db: Path, run_id: str) -> list[str]:
-    return sorted(p.name for p in (db.parent / "runs" / run_id).iterdir())
+def runs_dir(db: Path | str) -> Path:
+    """Where the store's run artefacts are: RUNNER_ARTIFACTS (a server store), else runs/ beside the file."""
+    return Path(os.environ.get("RUNNER_ARTIFACTS") or Path(db).parent / "runs")
 
 
-def rows_of(db: Path, run_id: str) -> dict[str, int]:
+def run_files(db: Path | str, run_id: str) -> list[str]:
+    return sorted(p.name for p in (runs_dir(db) / run_id).iterdir())
+
+
+def rows_of(db: Path | str, run_id: str) -> dict[str, int]:
     """Rows that mention the run, per table (every table with a run_id column, and runs itself)."""
+    from runner.store import resolve_url
+
     counts = {"runs": query(db, "SELECT COUNT(*) FROM runs WHERE id = ?", run_id)[0][0]}
-    for (table,) in query(db, "SELECT name FROM sqlite_master WHERE type = 'table'"):
-        columns = [c[1] for c in query(db, f"PRAGMA table_info({table})")]
-        if "run_id" in columns:
-            counts[table] = query(db, f"SELECT COUNT(*) FROM {table} WHERE run_id = ?", run_id)[0][0]
+    engine = sa.create_engine(resolve_url(db))
+    try:
+        inspector = sa.inspect(engine)
+        tables = [t for t in inspector.get_table_names() if "run_id" in {c["name"] for c in inspector.get_columns(t)}]
+    finally:
+        engine.dispose()
+    for table in tables:
+        counts[table] = query(db, f"SELECT COUNT(*) FROM {table} WHERE run_id = ?", run_id)[0][0]
     return counts
 
 
@@ -71,10 +89,11 @@ def test_keep_last_leaves_only_the_last_checkpoint(run_cli, tiny_spec, db):
     assert tampered.exit_code == 2 and "changed since the run wrote it (sha256 differs)" in tampered.err
 
 
-def test_prune_frees_the_expected_bytes(run_cli, tiny_spec, db):
+def test_prune_frees_the_expected_bytes(run_cli, tiny_spec, store_db):
+    db = store_db
     first, second = train(run_cli, tiny_spec, db), train(run_cli, tiny_spec, db, "checkpoints.keep=all")
-    runs_dir = db.parent / "runs"
-    dropped = [runs_dir / first / "last.pt", runs_dir / second / "last.pt", runs_dir / second / "epoch-001.pt"]
+    artefacts = runs_dir(db)
+    dropped = [artefacts / first / "last.pt", artefacts / second / "last.pt", artefacts / second / "epoch-001.pt"]
     expected = sum(p.stat().st_size for p in dropped)
 
     assert run_cli("prune", "--db", db, "--older-than", "1d", "--yes").out.startswith("0 of 2 completed run(s) pruned")
@@ -104,7 +123,8 @@ def test_prune_keeps_runs_that_could_still_resume(run_cli, tiny_spec, db):
 # Delete
 
 
-def test_delete_leaves_no_rows_and_no_files_of_the_run(run_cli, tiny_spec, db, monkeypatch):
+def test_delete_leaves_no_rows_and_no_files_of_the_run(run_cli, tiny_spec, store_db, monkeypatch):
+    db = store_db
     doomed = train(run_cli, tiny_spec, db, "checkpoints.keep=all")
     kept = train(run_cli, tiny_spec, db)
     run_cli("tag", doomed, "old", "--db", db)
@@ -115,27 +135,27 @@ def test_delete_leaves_no_rows_and_no_files_of_the_run(run_cli, tiny_spec, db, m
     monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
     refused = run_cli("delete", doomed, "--db", db)
     assert (refused.exit_code, refused.err) == (1, "nothing deleted\n")  # a "no" is not an interruption (130)
-    assert rows_of(db, doomed)["runs"] == 1 and (db.parent / "runs" / doomed).is_dir()
+    assert rows_of(db, doomed)["runs"] == 1 and (runs_dir(db) / doomed).is_dir()
 
     result = run_cli("delete", doomed[:8], "--db", db, "--yes")
     assert result.exit_code == 0, result.err
     assert f"deleted 1 run(s): {doomed}" in result.out
     assert set(rows_of(db, doomed).values()) == {0}
-    assert not (db.parent / "runs" / doomed).exists()
-    assert not any(doomed in str(p) for p in db.parent.rglob("*"))
+    assert not (runs_dir(db) / doomed).exists()
+    assert not any(doomed in str(p) for p in runs_dir(db).parent.rglob("*"))
     assert rows_of(db, kept) == kept_rows and run_files(db, kept) == ["best.pt", "last.pt"]
     assert run_cli("show", doomed, "--db", db).exit_code == 2
 
 
-def test_delete_refuses_a_live_run_even_forced_and_a_run_without_heartbeat_unless_forced(run_cli, tiny_spec, db):
+def test_delete_refuses_a_live_run_even_forced_and_a_run_without_heartbeat_unless_forced(run_cli, tiny_spec, store_db):
     """A run whose heartbeat is fresh has a live process writing it: deleting it would pull the run
     from under that process, so --force does not apply. A run marked running with no heartbeat
     deadline cannot say whether its process lives: --force deletes it."""
+    db = store_db
     live, silent = train(run_cli, tiny_spec, db), train(run_cli, tiny_spec, db, "seed=1")
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE runs SET status = 'running', heartbeat_at = '2999-01-01 00:00:00', lost_after = '2999-01-01 00:00:10' "
-                     "WHERE id = ?", (live,))
-        conn.execute("UPDATE runs SET status = 'running', lost_after = NULL WHERE id = ?", (silent,))
+    execute_sql(db, "UPDATE runs SET status = 'running', heartbeat_at = '2999-01-01 00:00:00', lost_after = '2999-01-01 00:00:10' "
+                    "WHERE id = :id", id=live)
+    execute_sql(db, "UPDATE runs SET status = 'running', lost_after = NULL WHERE id = :id", id=silent)
     before = rows_of(db, live), run_files(db, live)
     for flags in ((), ("--force",)):
         result = run_cli("delete", live, "--db", db, "--yes", *flags)
@@ -154,7 +174,8 @@ def test_delete_refuses_a_live_run_even_forced_and_a_run_without_heartbeat_unles
 # Tags
 
 
-def test_tags_filter_runs_and_report(run_cli, tiny_spec, db):
+def test_tags_filter_runs_and_report(run_cli, tiny_spec, store_db):
+    db = store_db
     baseline, candidate = train(run_cli, tiny_spec, db), train(run_cli, tiny_spec, db, "seed=1")
     assert run_cli("tag", baseline, "paper", "baseline", "--db", db).out.strip() == f"{baseline}: baseline, paper"
     assert run_cli("tag", candidate, "paper", "--db", db).exit_code == 0

@@ -250,3 +250,52 @@ def test_a_store_from_a_newer_runner_is_refused_in_one_line(run_cli: Any, v1_cop
         result = run_cli(*args, "--db", v1_copy)
         assert (result.exit_code, result.err) == (2, expected), args
     assert dump(v1_copy) == before  # nothing written to it
+
+
+# ------------------------------------------------------------------------------------------
+# Every backend: a store of today's schema (on PostgreSQL there is no older store to migrate)
+
+
+def schema_of(db: str) -> dict[str, Any]:
+    """Tables, columns (type, nullability), primary keys, indexes and foreign keys of any store, and its meta rows."""
+    from runner.store import resolve_url
+
+    engine = sa.create_engine(resolve_url(db))
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            tables = {
+                table: ({c["name"]: (str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)},
+                        inspector.get_pk_constraint(table)["constrained_columns"],
+                        sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(table)),
+                        sorted((tuple(f["constrained_columns"]), f["referred_table"]) for f in inspector.get_foreign_keys(table)))
+                for table in inspector.get_table_names()
+            }
+            meta = sorted(tuple(r) for r in conn.execute(sa.text("SELECT key, value FROM meta")))
+    finally:
+        engine.dispose()
+    return {"tables": tables, "meta": meta}
+
+
+def test_a_new_store_has_every_table_of_the_models_and_reopening_it_changes_nothing(store_db: str) -> None:
+    from runner.store.schema import Base
+
+    Store(store_db)
+    created = schema_of(store_db)
+    assert set(created["tables"]) == set(Base.metadata.tables) and created["meta"] == [("schema_version", str(SCHEMA_VERSION))]
+    assert Store(store_db, create=False).schema_version() == SCHEMA_VERSION
+    assert schema_of(store_db) == created
+
+
+def test_a_new_store_stamped_by_a_newer_runner_is_refused_in_one_line_and_left_alone(run_cli: Any, store_db: str, tiny_spec: Path) -> None:
+    from conftest import execute_sql
+
+    location = Store(store_db).location
+    execute_sql(store_db, "UPDATE meta SET value = :v WHERE key = 'schema_version'", v=str(SCHEMA_VERSION + 1))
+    before = schema_of(store_db)
+    expected = (f"error: the store {location} has schema version {SCHEMA_VERSION + 1}, newer than this runner "
+                f"understands ({SCHEMA_VERSION}); upgrade runner-dl\n")
+    for args in (("runs",), ("report",), ("run", tiny_spec)):
+        result = run_cli(*args, "--db", store_db)
+        assert (result.exit_code, result.err) == (2, expected), args
+    assert schema_of(store_db) == before

@@ -25,23 +25,25 @@ SHORT_NAME = "tiny-short-run"
 
 @dataclass
 class SeedStore:
-    db: Path
+    db: Path | str  # a file, or a PostgreSQL URL
     seed_ids: list[str]  # the tiny spec at seeds 0, 1, 2
     short_id: str  # the tiny spec renamed, one epoch
 
 
-@pytest.fixture(scope="module")
-def seed_store(tmp_path_factory: pytest.TempPathFactory) -> SeedStore:
-    """The tiny spec at seeds 0, 1, 2 (as ``--set seed=N``) plus one differently named one-epoch run."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def seed_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SeedStore:
+    """The tiny spec at seeds 0, 1, 2 (as ``--set seed=N``) plus one differently named one-epoch run,
+    in an SQLite store and in a PostgreSQL one."""
     from runner.execute import run_experiment
     from runner.store import Store
 
     directory = tmp_path_factory.mktemp("seeds")
+    db = directory / "results.db" if request.param == "sqlite" else request.getfixturevalue("postgres_server").new_database()
     with torch_home_at(directory):
-        store = Store(directory / "results.db")
+        store = Store(db, artifacts=directory / "runs")
         seed_ids = [run_experiment(TINY_SPEC, [f"seed={seed}"], store=store, registries=builtin_registries()).run_id for seed in (0, 1, 2)]
         short_id = run_experiment(TINY_SPEC, [f"name={SHORT_NAME}", "training.epochs=1"], store=store, registries=builtin_registries()).run_id
-    return SeedStore(directory / "results.db", seed_ids, short_id)
+    return SeedStore(db, seed_ids, short_id)
 
 
 def _report(run_cli, store: SeedStore, *args: str) -> list[dict]:

@@ -241,10 +241,10 @@ def test_resume_refuses_completed_running_and_unknown_runs(run_cli: Any, trained
     assert unknown.exit_code == 2 and "no run 'nosuchrun'" in unknown.err
 
 
-def test_two_resumes_of_one_run_cannot_both_claim_it(tmp_path: Path) -> None:
+def test_two_resumes_of_one_run_cannot_both_claim_it(store_db: str) -> None:
     from runner.errors import StoreError
 
-    store = Store(tmp_path / "results.db")
+    store = Store(store_db)
     store.runs.create("stopped00000", name="x", spec_yaml="", spec_json="{}", spec_hash="-",
                       model="cnn", strategy="full_finetune", dataset="mnist_bundled", seed=0)
     store.runs.finish("stopped00000", "interrupted")

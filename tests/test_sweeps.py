@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import TINY_SPEC, builtin_registries
+import sqlalchemy as sa
+
+from conftest import TINY_SPEC, builtin_registries, execute_sql, query_sql
 from runner.store import Store
 
 LR = "training.optimizer.lr"
@@ -49,25 +51,21 @@ def grid_spec(directory: Path, **changes: Any) -> Path:
     return write_spec(directory, sweep={"grid": {LR: [0.003, 0.01]}}, seeds=3, **changes)
 
 
-def sweep_rows(db: Path) -> list[dict[str, Any]]:
-    """Every row of the sweep's runs, in sweep order ([] while the store is still being created)."""
-    if not db.exists():
+def sweep_rows(db: Path | str) -> list[dict[str, Any]]:
+    """Every row of the sweep's runs, in sweep order ([] while the store is still being created); any store."""
+    if isinstance(db, Path) and not db.exists():
         return []
-    with sqlite3.connect(db) as conn:
-        conn.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in conn.execute("SELECT * FROM runs WHERE sweep_id IS NOT NULL ORDER BY sweep_index")]
-        except sqlite3.OperationalError:  # no tables yet
-            return []
+    try:
+        return query_sql(db, "SELECT * FROM runs WHERE sweep_id IS NOT NULL ORDER BY sweep_index")
+    except sa.exc.DBAPIError:  # no tables yet
+        return []
 
 
-def epoch_metrics(db: Path) -> dict[str, list[tuple[int, str, float]]]:
-    """run id → its per-epoch metric rows, in order."""
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT run_id, epoch, name, value FROM epoch_metrics ORDER BY run_id, epoch, name").fetchall()
+def epoch_metrics(db: Path | str) -> dict[str, list[tuple[int, str, float]]]:
+    """run id → its per-epoch metric rows, in order; any store."""
     out: dict[str, list[tuple[int, str, float]]] = {}
-    for run_id, epoch, name, value in rows:
-        out.setdefault(run_id, []).append((epoch, name, value))
+    for row in query_sql(db, "SELECT run_id, epoch, name, value FROM epoch_metrics ORDER BY run_id, epoch, name"):
+        out.setdefault(row["run_id"], []).append((row["epoch"], row["name"], row["value"]))
     return out
 
 
@@ -186,23 +184,21 @@ def _queue(store: Store, runs: int, max_attempts: int = 2, name: str = "q") -> s
     return sweep_id
 
 
-def test_claims_take_runs_in_sweep_order_count_attempts_and_requeue_lost_runs_while_attempts_are_left(tmp_path: Path) -> None:
+def test_claims_take_runs_in_sweep_order_count_attempts_and_requeue_lost_runs_while_attempts_are_left(store_db: str) -> None:
     from runner.store import new_owner
 
-    store = Store(tmp_path / "results.db")
+    store = Store(store_db)
     sweep_id = _queue(store, 3)
     first = store.queue.claim(new_owner(), 30.0, sweep_id)
     second = store.queue.claim(new_owner(), 30.0, sweep_id)
     assert [r["sweep_index"] for r in store.queue.sweep_runs(sweep_id) if r["status"] == "running"] == [1, 2]
     assert (first.attempts, first.resume, second.attempts) == (1, False, 1)
 
-    with sqlite3.connect(tmp_path / "results.db") as conn:  # the first worker died: its deadline passed
-        conn.execute("UPDATE runs SET lost_after = '2000-01-01 00:00:00' WHERE id = ?", (first.run_id,))
+    execute_sql(store_db, "UPDATE runs SET lost_after = '2000-01-01 00:00:00' WHERE id = :id", id=first.run_id)  # the worker died
     assert {r["id"]: r["status"] for r in store.queue.sweep_runs(sweep_id)}[first.run_id] == "lost"
     again = store.queue.claim(new_owner(), 30.0, sweep_id)  # the claim pass requeues it, and it is first in order
     assert (again.run_id, again.attempts) == (first.run_id, 2)
-    with sqlite3.connect(tmp_path / "results.db") as conn:
-        conn.execute("UPDATE runs SET lost_after = '2000-01-01 00:00:00' WHERE id = ?", (first.run_id,))
+    execute_sql(store_db, "UPDATE runs SET lost_after = '2000-01-01 00:00:00' WHERE id = :id", id=first.run_id)
     third = store.queue.claim(new_owner(), 30.0, sweep_id)  # no attempts left: it stays lost
     assert third.run_id != first.run_id and store.queue.claim(new_owner(), 30.0, sweep_id) is None
     statuses = {r["id"]: (r["status"], r["attempts"]) for r in store.queue.sweep_runs(sweep_id)}
@@ -210,10 +206,10 @@ def test_claims_take_runs_in_sweep_order_count_attempts_and_requeue_lost_runs_wh
     assert sorted(statuses.values()) == [("lost", 2), ("running", 1), ("running", 1)]
 
 
-def test_enqueueing_the_same_sweep_again_finds_it_and_queues_nothing_twice(tmp_path: Path) -> None:
+def test_enqueueing_the_same_sweep_again_finds_it_and_queues_nothing_twice(store_db: str) -> None:
     from runner.store.queue import SweepRecord
 
-    store = Store(tmp_path / "results.db")
+    store = Store(store_db)
     sweep_id = _queue(store, 2)
     again, created = store.queue.enqueue(SweepRecord("q", "hash-q", "{}", "/tmp", ("k",), 3), [])
     assert (again, created) == (sweep_id, False)
@@ -235,10 +231,10 @@ print(json.dumps(taken))
 """
 
 
-def test_eight_processes_claiming_one_queue_at_the_same_instant_never_take_a_run_twice(tmp_path: Path) -> None:
+def test_eight_processes_claiming_one_queue_at_the_same_instant_never_take_a_run_twice(store_db: str, tmp_path: Path) -> None:
     from test_concurrency import start_at_once
 
-    db = tmp_path / "results.db"
+    db = store_db
     store = Store(db)
     _queue(store, 40)
     results = start_at_once(CLAIM_AT_ONCE, tmp_path / "gate", [[str(db)]] * 8)

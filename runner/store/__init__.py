@@ -10,7 +10,7 @@
   (:mod:`~runner.store.queue`): sweeps, their queued runs, claims and requeues.
 """
 
-from runner.store.database import DB_ENV, DEFAULT_DB, Store, resolve_url
+from runner.store.database import ARTIFACTS_ENV, DB_ENV, DEFAULT_DB, Store, artifacts_required, mask_url, missing_artifacts, resolve_url
 from runner.store.migrations import SCHEMA_VERSION
 from runner.store.queries import RunFilter
 from runner.store.runs import new_owner
@@ -19,5 +19,5 @@ from runner.store.status import LOST_AFTER_BEATS, RESUMABLE, STATUSES, live_stat
 __all__ = [
     "new_owner",
     "Store", "RunFilter", "STATUSES", "RESUMABLE", "LOST_AFTER_BEATS", "SCHEMA_VERSION",
-    "utcnow", "live_status", "resolve_url", "DB_ENV", "DEFAULT_DB",
+    "utcnow", "live_status", "resolve_url", "mask_url", "artifacts_required", "missing_artifacts", "DB_ENV", "DEFAULT_DB", "ARTIFACTS_ENV",
 ]

@@ -1,9 +1,15 @@
 """Opening a store: the URL, the engine, SQLite's settings, lock retries, the schema and transactions.
 
 Default ``sqlite:///results.db`` in the working directory; ``--db URL|PATH`` or ``RUNNER_DB``
-choose another. Run artefacts (checkpoints) live beside an SQLite file in ``runs/<run id>/``, so two
-stores never share artefacts. Rows record those paths relative to that ``runs/`` directory, so a
-store moved or copied with its ``runs/`` finds its own files, never the original's.
+choose another, e.g. ``postgresql+psycopg://user@host:5432/runs`` (the ``postgres`` extra). Run
+artefacts (checkpoints) live beside an SQLite file in ``runs/<run id>/``, so two stores never share
+artefacts. Rows record those paths relative to that ``runs/`` directory, so a store moved or copied
+with its ``runs/`` finds its own files, never the original's. A server store has no place of its
+own for them, so runs written to one need ``--artifacts DIR`` (or ``RUNNER_ARTIFACTS``), a directory
+every worker can reach; their rows hold absolute paths.
+
+A URL is shown to people only through :func:`mask_url` (``Store.location``): its password never
+appears in a message, a report or a log.
 
 A store whose file or directory this process cannot write is opened read-only for the commands that
 only read (SQLite's ``mode=ro``, and ``immutable=1`` where not even its ``-shm`` file can be made).
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -24,7 +31,7 @@ from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.exc import DatabaseError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
 from runner.errors import StoreError
@@ -37,7 +44,12 @@ from runner.store.schema import Base, Meta
 
 DEFAULT_DB = "results.db"
 DB_ENV = "RUNNER_DB"
+ARTIFACTS_ENV = "RUNNER_ARTIFACTS"
 READ_ONLY_HINT = ": check the permissions of the file and its directory"
+# one advisory lock key for creating and migrating a PostgreSQL store ("runn" in ASCII)
+SCHEMA_LOCK = 0x72756E6E
+# errors after which a write is tried again: SQLite's lock, and a server's deadlock or serialisation victim
+TRANSIENT = ("locked", "busy", "already exists", "deadlock detected", "could not serialize")
 
 T = TypeVar("T")
 
@@ -46,11 +58,53 @@ _writing: ContextVar[bool] = ContextVar("runner_store_writing", default=False)
 
 
 def resolve_url(db: str | os.PathLike[str] | None) -> str:
-    """``--db`` value, else ``RUNNER_DB``, else ``results.db``; plain paths become SQLite URLs."""
+    """``--db`` value, else ``RUNNER_DB``, else ``results.db``; plain paths become SQLite URLs.
+
+    ``postgresql://`` (and ``postgres://``) name psycopg 3, the driver the ``postgres`` extra installs.
+    """
     value = str(db) if db is not None else os.environ.get(DB_ENV) or DEFAULT_DB
     if "://" in value:
-        return value
+        scheme, rest = value.split("://", 1)
+        return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else value
     return f"sqlite:///{Path(value).expanduser().resolve()}"
+
+
+def mask_url(url: str) -> str:
+    """The URL as it may be shown: its password replaced by ``***``."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL SQLAlchemy reads: hide whatever stands between ':' and '@'
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _hide_password(message: str, url: str) -> str:
+    """``message`` with the URL's password (should a driver quote it) replaced by ``***``."""
+    try:
+        password = sa.engine.make_url(url).password
+    except ArgumentError:
+        return message
+    return message.replace(str(password), "***") if password else message
+
+
+def artifacts_required(url: str, artifacts: str | os.PathLike[str] | None) -> str | None:
+    """Why runs written to the store at ``url`` cannot go ahead, or None: a server store has no
+    directory of its own, so it needs ``--artifacts`` (or ``RUNNER_ARTIFACTS``). Checked before any work."""
+    if artifacts is not None or os.environ.get(ARTIFACTS_ENV) or url.startswith("sqlite"):
+        return None
+    return (f"the store {mask_url(url)} is not a local file, so run artefacts (checkpoints) need a directory every "
+            f"worker can reach: give --artifacts DIR (or set {ARTIFACTS_ENV})")
+
+
+def missing_artifacts(run_id: str, directory: Path) -> str:
+    """The line for a run whose artefact directory is not on this machine."""
+    return f"run {run_id}: its artefact directory {directory} does not exist here (is the shared artefact directory mounted on this machine?)"
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    """Engine settings per database: a server that does not answer fails in seconds, not minutes."""
+    if url.startswith("postgresql") and "connect_timeout" not in url:
+        return {"connect_args": {"connect_timeout": 10}}
+    return {}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -72,8 +126,9 @@ def _sqlite_read_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _transient(exc: BaseException) -> bool:
-    """SQLite found the database locked (another writer): worth trying again."""
-    return any(word in str(exc) for word in ("locked", "busy", "already exists"))
+    """SQLite found the database locked (another writer), or a server chose this transaction as a
+    deadlock's victim: worth trying again."""
+    return any(word in str(exc) for word in TRANSIENT)
 
 
 def _retrying(action: Callable[[], T], attempts: int = 8) -> T:
@@ -109,7 +164,7 @@ def _read_only_url(path: Path) -> str:
     return f"sqlite:///file:{quote(str(path))}?{options}&uri=true"
 
 
-def _one_line_error(location: str, read_only: bool) -> Callable[[Any], None]:
+def _one_line_error(location: str, read_only: bool, url: str) -> Callable[[Any], None]:
     """The engine's error handler: every database error but a lock (which :func:`_retrying` waits
     out) becomes one :class:`StoreError` line naming the store."""
 
@@ -119,7 +174,7 @@ def _one_line_error(location: str, read_only: bool) -> Callable[[Any], None]:
         writing = _writing.get()
         hint = f" (the store is read-only here{READ_ONLY_HINT})" if read_only and writing else ""
         raise StoreError(f"cannot {'write to' if writing else 'read'} the store {location}: "
-                         f"{cause_of(context.original_exception)}{hint}")
+                         f"{_hide_password(cause_of(context.original_exception), url)}{hint}")
 
     return handle
 
@@ -139,10 +194,12 @@ class Store:
         self.path = Path(self.url.split("///", 1)[1]) if self.is_sqlite and "///" in self.url else None
         # where relative artefact paths point: runs/ beside the file, wherever the store now is
         self.relative_root = self.path.parent / "runs" if self.path is not None else None
-        if artifacts is not None:
-            self.artifacts_root = Path(artifacts).expanduser().resolve()
-        else:
-            self.artifacts_root = self.relative_root or Path.cwd() / "runs"
+        artifacts = artifacts if artifacts is not None else os.environ.get(ARTIFACTS_ENV) or None
+        # None: a server store without --artifacts; it can be read, but new runs are refused (run_dir)
+        self.artifacts_root: Path | None = (
+            Path(artifacts).expanduser().resolve() if artifacts is not None
+            else self.relative_root or (Path.cwd() / "runs" if self.is_sqlite else None)
+        )
         if self.path is not None and not create and not self.path.exists():
             raise StoreError(f"no results store at {self.path} (run an experiment first, or pass --db)")
         if self.path is not None and not self.path.parent.is_dir():
@@ -152,13 +209,13 @@ class Store:
         self.read_only = self.path is not None and self.path.exists() and not _writable(self.path)
         if self.read_only and create:
             raise StoreError(f"cannot use the store {self.location}: it is read-only here{READ_ONLY_HINT}")
-        self.engine = sa.create_engine(_read_only_url(self.path) if self.read_only else self.url, future=True)  # type: ignore[arg-type]
+        self.engine = self._engine()
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_read_pragmas if self.read_only else _sqlite_pragmas)
         self._prepare()
         # a function of the store's name only: a bound method here would keep the store, its engine and
         # their open SQLite connection alive until exit, after the exit hook froze them (a -wal left)
-        event.listen(self.engine, "handle_error", _one_line_error(self.location, self.read_only))
+        event.listen(self.engine, "handle_error", _one_line_error(self.location, self.read_only, self.url))
         self.runs = RunWriter(self)
         self.query = RunQueries(self)
         self.manage = RunManagement(self)
@@ -166,20 +223,31 @@ class Store:
 
     @property
     def location(self) -> str:
-        """The store as messages name it: its file, else its URL."""
-        return str(self.path or self.url)
+        """The store as messages name it: its file, else its URL with the password masked."""
+        return str(self.path or mask_url(self.url))
+
+    def _engine(self) -> sa.Engine:
+        """The engine, or one line saying why there is none (a driver not installed, not a URL)."""
+        url = _read_only_url(self.path) if self.read_only and self.path is not None else self.url
+        try:
+            return sa.create_engine(url, future=True, **_engine_options(url))
+        except ModuleNotFoundError as exc:
+            extra = " (pip install 'runner-dl[postgres]')" if self.url.startswith("postgresql") else ""
+            raise StoreError(f"cannot use the store {self.location}: its driver {exc.name} is not installed{extra}") from None
+        except (ArgumentError, NoSuchModuleError) as exc:
+            raise StoreError(f"cannot use the store {self.location}: {_hide_password(str(exc), self.url)}") from None
 
     # ---- schema -------------------------------------------------------------------------------
     def _prepare(self) -> None:
-        if self._current_version() == SCHEMA_VERSION:
-            return  # the usual case: one read, no write lock, no schema inspection
         try:
+            if self._current_version() == SCHEMA_VERSION:
+                return  # the usual case: one read, no write lock, no schema inspection
             if self.read_only:
                 self._check_schema_read_only()
             else:
                 _retrying(self._create_or_check_schema)
-        except DatabaseError as exc:
-            raise StoreError(f"cannot use the store {self.location}: {cause_of(exc)}") from None
+        except DBAPIError as exc:  # a file that is not a database; a server that refuses, a wrong password, no such database
+            raise StoreError(f"cannot use the store {self.location}: {_hide_password(cause_of(exc), self.url)}") from None
 
     def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -205,23 +273,28 @@ class Store:
         """A transaction holding SQLite's write lock from its first statement.
 
         Several processes may open a new or old store at once: each checks the schema version and
-        creates or migrates only under the lock, so exactly one of them does the work.
+        creates or migrates only under the lock, so exactly one of them does the work. A server
+        database takes an advisory lock held to the end of the transaction instead (its DDL is
+        transactional, so a second process sees the finished schema or none of it).
         """
         with self.engine.begin() as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+            elif conn.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK)))
             yield conn
 
     def _current_version(self) -> int | None:
         """The stored schema version read without locking; None when that read fails (new, old or foreign file).
 
-        Anything but the current version goes the locked way, which creates, migrates or explains.
+        Anything but the current version goes the locked way, which creates, migrates or explains. A
+        store that cannot be reached at all fails here (a server refusing, a wrong password).
         """
-        try:
-            with self.engine.connect() as conn:
+        with self.engine.connect() as conn:
+            try:
                 version = conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar()
-        except DatabaseError:
-            return None
+            except DatabaseError:  # no meta table (yet), or not a store
+                return None
         return int(version) if version is not None and version.isdigit() else None
 
     def _create_or_check_schema(self) -> None:
@@ -280,7 +353,9 @@ class Store:
         return uuid.uuid4().hex[:12]
 
     def run_dir(self, run_id: str) -> Path:
-        """Where a new run's artefacts go."""
+        """Where a new run's artefacts go; a server store without an artefact directory refuses (see :func:`artifacts_required`)."""
+        if self.artifacts_root is None:
+            raise StoreError(artifacts_required(self.url, None) or "no artefact directory")
         return self.artifacts_root / run_id
 
     def artifact_path(self, stored: str | os.PathLike[str]) -> Path:
@@ -292,7 +367,8 @@ class Store:
         used as it is.
         """
         path = Path(stored)
-        return path if path.is_absolute() else (self.relative_root or self.artifacts_root) / path
+        base = self.relative_root or self.artifacts_root
+        return path if path.is_absolute() or base is None else base / path
 
     def stored_path(self, path: str | os.PathLike[str]) -> str:
         """An artefact path as a row holds it (the inverse of :meth:`artifact_path`): relative to
@@ -307,13 +383,22 @@ class Store:
 
         Symbolic links and ``..`` are resolved first, so no row can point a deletion elsewhere.
         """
+        if self.artifacts_root is None:
+            return False
         root = self.artifacts_root.resolve()
         resolved = Path(path).resolve()
         return resolved != root and resolved.is_relative_to(root)
 
-    def artifacts_dir(self, row: dict[str, Any]) -> Path:
-        """A run's artefact directory, from its row (``run_row``): the stored one, else :meth:`run_dir`."""
-        return self.artifact_path(row["artifacts_dir"]) if row["artifacts_dir"] else self.run_dir(row["id"])
+    def artifacts_dir(self, row: dict[str, Any], must_exist: bool = False) -> Path:
+        """A run's artefact directory, from its row (``run_row``): the stored one, else :meth:`run_dir`.
+
+        ``must_exist``: the run wrote artefacts there, so a missing directory (a shared directory not
+        mounted on this machine) is one line naming it, never a run that quietly starts over.
+        """
+        directory = self.artifact_path(row["artifacts_dir"]) if row["artifacts_dir"] else self.run_dir(row["id"])
+        if must_exist and not directory.is_dir():
+            raise StoreError(missing_artifacts(row["id"], directory))
+        return directory
 
 
-__all__ = ["Store", "resolve_url", "DEFAULT_DB", "DB_ENV"]
+__all__ = ["Store", "resolve_url", "mask_url", "artifacts_required", "missing_artifacts", "DEFAULT_DB", "DB_ENV", "ARTIFACTS_ENV"]

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Sequence
 
 import sqlalchemy as sa
+from sqlalchemy.sql import quoted_name
 
 from runner.errors import RunNotFoundError
 from runner.store.schema import Checkpoint, EpochMetric, Evaluation, Run, SplitMetric, Tag
@@ -60,20 +61,54 @@ def spec_json_path(key: str) -> str:
     return "$" + "".join(parts)
 
 
-def json_value(document: Any, key: str) -> Any:
-    """The value at the dotted ``key`` of a JSON text column (SQLite's json_extract).
+def json_value(document: Any, key: str, dialect: str = "sqlite") -> Any:
+    """The value at the dotted ``key`` of a JSON text column: SQLite's json_extract, PostgreSQL's ``#>`` on jsonb.
 
-    Numbers come back as numbers, text as text, and containers as minified JSON in stored order.
+    SQLite gives numbers as numbers, text as text and containers as minified JSON in stored order;
+    PostgreSQL gives the JSON value itself (the driver decodes it; :func:`container_text` turns its
+    containers into SQLite's text). Compare it with :func:`json_literal` of a Python value.
     """
+    if dialect == "postgresql":
+        return _jsonb_path(document, key)
     return sa.func.json_extract(document, spec_json_path(key))
 
 
-def json_type(document: Any, key: str) -> Any:
-    """The JSON type at the dotted ``key`` (SQLite's json_type), NULL where the key is missing.
+def _jsonb_path(document: Any, key: str) -> Any:
+    """PostgreSQL: ``CAST(document AS JSONB) #> '{model,name}'``."""
+    from sqlalchemy.dialects.postgresql import JSONB
 
-    The type names are SQLite's: null, true, false, integer, real, text, array, object.
-    """
-    return sa.func.json_type(document, spec_json_path(key))
+    return sa.cast(document, JSONB)[tuple(key.split("."))]
+
+
+def json_type(document: Any, key: str, dialect: str = "sqlite") -> Any:
+    """The JSON type at the dotted ``key``, NULL where the key is missing, named as SQLite's json_type
+    names them on every database: null, true, false, integer, real, text, array, object."""
+    if dialect != "postgresql":
+        return sa.func.json_type(document, spec_json_path(key))
+    value = _jsonb_path(document, key)
+    kind = sa.func.jsonb_typeof(value)
+    return sa.case(
+        (kind == "string", "text"),
+        (kind == "boolean", sa.case((value.astext == "true", "true"), else_="false")),
+        (kind == "number", sa.case((value.astext.regexp_match(r"^-?[0-9]+$"), "integer"), else_="real")),
+        else_=kind,
+    )
+
+
+def json_literal(value: Any, dialect: str = "sqlite") -> Any:
+    """A Python value as :func:`json_value` gives it, to compare with ``==``: on SQLite the value,
+    a container as minified JSON text in sorted-key order (the stored order); on PostgreSQL a jsonb
+    value (jsonb compares numbers by value: 1e-3 = 0.001, 3 = 3.0)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import JSONB
+
+        return sa.cast(sa.literal(json.dumps(value), sa.Text), JSONB)
+    return json.dumps(value, sort_keys=True, separators=(",", ":")) if isinstance(value, (list, dict)) else value
+
+
+def container_text(value: Any) -> Any:
+    """A JSON container read back on PostgreSQL (a list or dict) as SQLite gives it: minified JSON text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")) if isinstance(value, (list, dict)) else value
 
 
 # ------------------------------------------------------------------------------------------
@@ -85,25 +120,25 @@ def has_tags(tags: Sequence[str]) -> Any:
     return sa.and_(sa.true(), *(Run.id.in_(sa.select(Tag.run_id).where(Tag.tag == tag)) for tag in tags))
 
 
-def spec_equals(key: str, value: Any) -> Any:
+def spec_equals(key: str, value: Any, dialect: str = "sqlite") -> Any:
     """The stored spec value at ``key`` equals ``value``, compared with JSON types (1 ≠ "1", true ≠ 1)."""
-    kind = json_type(Run.spec_json, key)
-    stored = json_value(Run.spec_json, key)
+    kind = json_type(Run.spec_json, key, dialect)
+    stored = json_value(Run.spec_json, key, dialect)
     if value is None:
         return kind == "null"
     if isinstance(value, bool):
         return kind == ("true" if value else "false")
     if isinstance(value, (int, float)):
-        return sa.and_(kind.in_(("integer", "real")), stored == value)
+        return sa.and_(kind.in_(("integer", "real")), stored == json_literal(value, dialect))
     if isinstance(value, (list, dict)):
-        # json_extract returns a container as minified JSON in stored (sorted-key) order
-        return sa.and_(kind.in_(("array", "object")), stored == json.dumps(value, sort_keys=True, separators=(",", ":")))
+        return sa.and_(kind.in_(("array", "object")), stored == json_literal(value, dialect))
     text = str(value)
     try:  # "1e-3" is a string to YAML but a number to the user who typed it
         number = float(text)
     except ValueError:
-        return sa.and_(kind == "text", stored == text)
-    return sa.or_(sa.and_(kind == "text", stored == text), sa.and_(kind.in_(("integer", "real")), stored == number))
+        return sa.and_(kind == "text", stored == json_literal(text, dialect))
+    return sa.or_(sa.and_(kind == "text", stored == json_literal(text, dialect)),
+                  sa.and_(kind.in_(("integer", "real")), stored == json_literal(number, dialect)))
 
 
 def run_conditions(run_filter: RunFilter, now: datetime, dialect: str) -> list[Any]:
@@ -117,7 +152,7 @@ def run_conditions(run_filter: RunFilter, now: datetime, dialect: str) -> list[A
         conditions.append(Run.started_at >= run_filter.since)
     if run_filter.run_ids:
         conditions.append(Run.id.in_(list(run_filter.run_ids)))
-    conditions.extend(spec_equals(key, value) for key, value in run_filter.where)
+    conditions.extend(spec_equals(key, value, dialect) for key, value in run_filter.where)
     if run_filter.tags:
         conditions.append(has_tags(run_filter.tags))
     if run_filter.sweep_id is not None:
@@ -253,9 +288,13 @@ class RunQueries:
         query = sa.select(
             Run.id, Run.name, status_now(now).label("status"), Run.model, Run.weights_source, Run.strategy, Run.seed, Run.epochs_run,
             Run.stop_reason, Run.best_val_accuracy, Run.best_epoch, Run.duration_s, Run.started_at,
-            *(json_value(Run.spec_json, key).label(key) for key in spec_keys),
+            # quoted: a spec key may be an SQL keyword ("nothing")
+            *(json_value(Run.spec_json, key, self._dialect).label(quoted_name(key, True)) for key in spec_keys),
         ).where(*run_conditions(run_filter, now, self._dialect)).order_by(Run.started_at.desc(), Run.id)
-        return self._frame(query)
+        frame = self._frame(query)
+        for key in spec_keys:  # PostgreSQL's containers come back decoded; every database gives them as text
+            frame[key] = frame[key].map(container_text)
+        return frame
 
     def report_split_metrics(self, run_filter: RunFilter, split: str = "test") -> Any:
         """DataFrame (run_id, name, value) of one split's metrics for the filtered runs (long form)."""
@@ -282,9 +321,9 @@ class RunQueries:
 
     def spec_key_exists(self, key: str) -> bool:
         """Whether any run's resolved spec has ``key`` (a dotted path)."""
-        query = sa.select(Run.id).where(json_type(Run.spec_json, key).is_not(None)).limit(1)
+        query = sa.select(Run.id).where(json_type(Run.spec_json, key, self._dialect).is_not(None)).limit(1)
         with self._store.engine.connect() as conn:
             return conn.execute(query).first() is not None
 
 
-__all__ = ["RunQueries", "RunFilter", "run_conditions", "glob_match", "json_value", "json_type"]
+__all__ = ["RunQueries", "RunFilter", "run_conditions", "glob_match", "json_value", "json_type", "json_literal", "container_text"]

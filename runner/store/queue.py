@@ -16,6 +16,7 @@ leaves its run ``running`` until the heartbeat deadline passes (``lost``, see
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -179,6 +180,23 @@ class RunQueue:
 
         return self._store.write(write, exclusive=True)
 
+    def requeue_stopped(self, sweep_id: str, pid: int, host: str | None = None) -> list[str]:
+        """Put back the sweep's runs that the worker process ``pid`` on ``host`` (default: this one)
+        left ``interrupted``: a launcher stopped it (a preempted Slurm job), and the next worker
+        resumes them from their checkpoints. The ids requeued."""
+        prefix = f"{host or socket.gethostname()}:{pid}:"
+
+        def write(session: Session) -> list[str]:
+            stopped = list(session.execute(
+                sa.select(Run.id).where(Run.sweep_id == sweep_id, Run.status == "interrupted", Run.owner.startswith(prefix, autoescape=True))
+                .with_for_update()
+            ).scalars())
+            if stopped:
+                session.execute(sa.update(Run).where(Run.id.in_(stopped)).values(status="queued", owner=None, **_ENDED))
+            return stopped
+
+        return self._store.write(write, exclusive=True)
+
     def claim(self, owner: str, heartbeat_s: float, sweep_id: str | None = None) -> Claim | None:
         """Take the next queued run (of one sweep, or of any, oldest sweep first), or None when none is left.
 
@@ -248,12 +266,12 @@ class RunQueue:
 
     def sweeps(self) -> list[dict[str, Any]]:
         """Every sweep, newest first, with the count of its runs per (live) status."""
-        now = utcnow()
+        status = status_now(utcnow())
         with self._store.engine.connect() as conn:
             sweeps = [dict(r) for r in conn.execute(sa.select(Sweep).order_by(Sweep.created_at.desc())).mappings()]
-            counts = conn.execute(
-                sa.select(Run.sweep_id, status_now(now).label("status"), sa.func.count())
-                .where(Run.sweep_id.is_not(None)).group_by(Run.sweep_id, "status")
+            counts = conn.execute(  # grouped by the expression: on PostgreSQL a bare "status" would mean the column
+                sa.select(Run.sweep_id, status.label("status"), sa.func.count())
+                .where(Run.sweep_id.is_not(None)).group_by(Run.sweep_id, status)
             ).all()
         by_sweep: dict[str, dict[str, int]] = {}
         for sweep_id, status, count in counts:
@@ -270,7 +288,7 @@ class RunQueue:
         )
         query = (
             sa.select(Run.id, Run.sweep_index, Run.status, Run.lost_after, Run.seed, Run.combination_json, Run.attempts,
-                      Run.epochs_run, json_value(Run.spec_json, "training.epochs").label("epochs"), Run.error,
+                      Run.epochs_run, json_value(Run.spec_json, "training.epochs", self._store.engine.dialect.name).label("epochs"), Run.error,
                       test_accuracy.label("test_accuracy"), Run.started_at, Run.ended_at)
             .where(Run.sweep_id == sweep_id).order_by(Run.sweep_index)
         )
