@@ -299,3 +299,28 @@ def test_a_new_store_stamped_by_a_newer_runner_is_refused_in_one_line_and_left_a
         result = run_cli(*args, "--db", store_db)
         assert (result.exit_code, result.err) == (2, expected), args
     assert schema_of(store_db) == before
+
+
+def test_a_store_of_the_previous_schema_on_either_backend_migrates_to_the_new_one_and_keeps_its_runs(
+    run_cli: Any, store_db: str, tiny_spec: Path,
+) -> None:
+    """Version 6 held seeds and checkpoint sizes as INTEGER, 32 bits on PostgreSQL: a seed above 2**31
+    could not be stored there. The store is put back as version 6 made it, then opened by this runner."""
+    from conftest import execute_sql, query_sql
+
+    trained = run_cli("run", tiny_spec, "--db", store_db, "-q", "--set", "training.epochs=1")
+    assert trained.exit_code == 0, trained.err
+    new = schema_of(store_db)
+    server = not store_db.endswith(".db")
+    if server:
+        for table, column in (("runs", "seed"), ("runs", "params_total"), ("runs", "params_trainable"), ("checkpoints", "size_bytes")):
+            execute_sql(store_db, f"ALTER TABLE {table} ALTER COLUMN {column} TYPE INTEGER")
+    execute_sql(store_db, "UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+
+    big_seed = 2**63 - 1
+    again = run_cli("run", tiny_spec, "--db", store_db, "-q", "--set", "training.epochs=1", "--set", f"seed={big_seed}")
+    assert again.exit_code == 0, again.err
+    assert schema_of(store_db) == new  # exactly the schema of a new store
+    seeds = sorted(r["seed"] for r in query_sql(store_db, "SELECT seed FROM runs"))
+    assert seeds == [0, big_seed]
+    assert run_cli("show", again.out.strip(), "--db", store_db, "--format", "json").json()["seed"] == big_seed

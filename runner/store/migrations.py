@@ -286,9 +286,21 @@ def m006_sweeps(conn: sa.Connection) -> None:
     conn.execute(sa.text("UPDATE runs SET attempts = 1"))
 
 
+def m007_big_integers(conn: sa.Connection) -> None:
+    """Version 7: 64-bit seeds, parameter counts and checkpoint sizes on a server database.
+
+    A seed may be up to 2**63-1 and a checkpoint over 2 GiB; PostgreSQL's INTEGER holds 32 bits, so
+    those columns become BIGINT there. SQLite's INTEGER already holds 64 bits: nothing to do.
+    """
+    if conn.dialect.name == "sqlite":
+        return
+    for table, column in (("runs", "seed"), ("runs", "params_total"), ("runs", "params_trainable"), ("checkpoints", "size_bytes")):
+        conn.execute(sa.text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT"))
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [
     m001_initial, m002_lost_after, m003_tags_evaluations, m004_run_owner, m005_portable_paths_and_missing_values,
-    m006_sweeps,
+    m006_sweeps, m007_big_integers,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

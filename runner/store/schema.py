@@ -17,6 +17,11 @@ class Base(DeclarativeBase):
     pass
 
 
+# 64-bit integers (a seed up to 2**63-1, a checkpoint over 2 GiB, a parameter count): BIGINT on a
+# server, where INTEGER has 32 bits; SQLite's INTEGER already holds 64
+BigInteger = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
 class Meta(Base):
     __tablename__ = "meta"
     key: Mapped[str] = mapped_column(sa.String, primary_key=True)
@@ -53,7 +58,7 @@ class Run(Base):
     model: Mapped[str] = mapped_column(sa.String)
     strategy: Mapped[str] = mapped_column(sa.String)
     dataset: Mapped[str] = mapped_column(sa.String)
-    seed: Mapped[int] = mapped_column(sa.Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
     device: Mapped[str | None] = mapped_column(sa.String)
     host: Mapped[str | None] = mapped_column(sa.String)
     python_version: Mapped[str | None] = mapped_column(sa.String)
@@ -61,8 +66,8 @@ class Run(Base):
     torchvision_version: Mapped[str | None] = mapped_column(sa.String)
     runner_version: Mapped[str | None] = mapped_column(sa.String)
     git_commit: Mapped[str | None] = mapped_column(sa.String)
-    params_total: Mapped[int | None] = mapped_column(sa.Integer)
-    params_trainable: Mapped[int | None] = mapped_column(sa.Integer)
+    params_total: Mapped[int | None] = mapped_column(BigInteger)
+    params_trainable: Mapped[int | None] = mapped_column(BigInteger)
     model_summary: Mapped[str | None] = mapped_column(sa.Text)
     plugins_json: Mapped[str | None] = mapped_column(sa.Text)
     settings_json: Mapped[str | None] = mapped_column(sa.Text)
@@ -129,7 +134,7 @@ class Checkpoint(Base):
     # relative to runs/ beside the store (absolute elsewhere): read and written through Store.artifact_path / stored_path
     path: Mapped[str] = mapped_column(sa.String)
     sha256: Mapped[str] = mapped_column(sa.String)
-    size_bytes: Mapped[int] = mapped_column(sa.Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
 
 
 class Tag(Base):
