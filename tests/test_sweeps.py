@@ -556,9 +556,10 @@ def test_two_workers_started_at_the_same_instant_on_eight_queued_runs_complete_e
 
 
 def _slow_sweep(directory: Path) -> Path:
-    """Six runs of four epochs: long enough to be caught mid-sweep."""
-    return write_spec(directory, name="slow", seeds=6, training={"epochs": 4, "optimizer": {"name": "Adam", "lr": 0.003}},
-                      data={"dataset": "mnist_bundled", "classes": [0, 1, 2], "batch_size": 16, "train_per_class": 80})
+    """Six runs of six epochs: long enough to be caught mid-sweep on an idle machine too (a second or
+    more per run after the first epochs: the test polls every 0.1 s)."""
+    return write_spec(directory, name="slow", seeds=6, training={"epochs": 6, "optimizer": {"name": "Adam", "lr": 0.003}},
+                      data={"dataset": "mnist_bundled", "classes": [0, 1, 2], "batch_size": 16, "train_per_class": 300})
 
 
 def test_sigkill_of_the_sweep_and_its_workers_then_the_same_command_finishes_every_run_once(run_cli: Any, tmp_path: Path) -> None:
@@ -595,7 +596,7 @@ def test_sigkill_of_the_sweep_and_its_workers_then_the_same_command_finishes_eve
     assert {run_id: epoch_metrics(db)[run_id] for run_id in done} == done_metrics
     assert [after[run_id]["attempts"] for run_id in killed] == [2, 2]
     metrics = epoch_metrics(db)
-    assert all([m[0] for m in metrics[run_id]] == sorted([1, 2, 3, 4] * METRICS_PER_EPOCH) for run_id in after)  # each epoch once
+    assert all([m[0] for m in metrics[run_id]] == sorted([1, 2, 3, 4, 5, 6] * METRICS_PER_EPOCH) for run_id in after)  # each epoch once
 
 
 def test_ctrl_c_stops_the_workers_stores_their_runs_interrupted_keeps_the_queue_and_exits_130(run_cli: Any, tmp_path: Path) -> None:
@@ -619,7 +620,7 @@ def test_ctrl_c_stops_the_workers_stores_their_runs_interrupted_keeps_the_queue_
     rows = sweep_rows(db)
     assert {r["status"] for r in rows} == {"completed"}
     metrics = epoch_metrics(db)
-    assert all([m[0] for m in metrics[r["id"]]] == sorted([1, 2, 3, 4] * METRICS_PER_EPOCH) for r in rows)
+    assert all([m[0] for m in metrics[r["id"]]] == sorted([1, 2, 3, 4, 5, 6] * METRICS_PER_EPOCH) for r in rows)
 
 
 # ------------------------------------------------------------------------------------------
