@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 import shutil
 import subprocess
 import textwrap
@@ -208,11 +207,4 @@ def test_ci_runs_the_suite_twice_the_second_time_with_runner_extras_installed() 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "pip install ./plugins/runner-extras" in readme.splitlines()
     steps = [line.split(";")[0] for line in script.splitlines() if line.startswith('echo "+ $')]
-    assert steps == ['echo "+ $install_cmd"', 'echo "+ $test_cmd"', 'echo "+ $extras_cmd"', 'echo "+ $plugin_test_cmd"']
-    assert 'plugin_test_cmd="$test_cmd ${plugin_tests[*]}"' in script
-    # the second pass: every test file that loads the environment's plugins, each one that exists
-    listed = set(re.findall(r"tests/test_\w+\.py", script.split("plugin_tests=(")[1].split(")")[0]))
-    assert all((ROOT / path).is_file() for path in listed)
-    loading = {f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py")
-               if re.search(r"\binstall: |load_registries\(\)|plugin_env|make_venv\(", path.read_text(encoding="utf-8"))}
-    assert loading <= listed, sorted(loading - listed)
+    assert steps == ['echo "+ $install_cmd"', 'echo "+ $test_cmd"', 'echo "+ $extras_cmd"', 'echo "+ $test_cmd"']
