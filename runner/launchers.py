@@ -20,14 +20,15 @@ Every launcher has the interface the sweep command waits on (:func:`runner.worke
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import signal
 import subprocess
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
+from unittest.mock import patch
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -150,27 +151,12 @@ def _stop(pid: int) -> None:
         pass
 
 
-def _import_submitit() -> Any:
+def _import_extra(module: str, name: str, launcher: str) -> Any:
+    """The launcher's engine, or one line naming the extra (named as the launcher) that installs it."""
     try:
-        import submitit
+        return importlib.import_module(module)
     except ImportError:
-        raise RunnerError("--launcher slurm needs submitit: pip install 'runner-dl[slurm]'") from None
-    return submitit
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """``values`` in this process's environment for the block (a submitted job inherits it)."""
-    previous = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        raise RunnerError(f"--launcher {launcher} needs {name}: pip install 'runner-dl[{launcher}]'") from None
 
 
 @dataclass
@@ -185,7 +171,7 @@ class SlurmWorkers:
         """``jobs`` workers as a job array (``slurm_cluster: local``: the same code path, as local processes)."""
         from runner.workers import worker_command
 
-        submitit = _import_submitit()
+        submitit = _import_extra("submitit", "submitit", "slurm")
         folder = Path(section.slurm_folder).expanduser().resolve() / sweep_id
         executor = submitit.AutoExecutor(folder=folder, cluster=section.slurm_cluster, slurm_max_num_timeout=section.slurm_max_requeues)
         parameters: dict[str, Any] = {"name": f"runner-{sweep_id}", "timeout_min": section.slurm_time, "tasks_per_node": 1,
@@ -198,7 +184,7 @@ class SlurmWorkers:
             parameters["slurm_gpus_per_task"] = section.slurm_gpus_per_task
         executor.update_parameters(**parameters)
         job = SlurmWorkerJob(worker_command(store, sweep_id, section.slurm_cpus_per_task), sweep_id)
-        with _environment(_store_env(store)):
+        with patch.dict(os.environ, _store_env(store)):  # the submitted jobs inherit it; restored after
             submitted = executor.map_array(job, range(jobs))
         return cls(list(submitted), folder)
 
@@ -236,14 +222,6 @@ class SlurmWorkers:
 # Ray
 
 
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise RunnerError("--launcher ray needs Ray: pip install 'runner-dl[ray]'") from None
-    return ray
-
-
 @dataclass
 class RayWorkers:
     """N Ray tasks, each running one ``runner worker`` (``--launcher ray``)."""
@@ -257,7 +235,7 @@ class RayWorkers:
     def start(cls, store: Store, sweep_id: str, jobs: int, section: LauncherSection) -> RayWorkers:
         """``jobs`` tasks on the cluster at ``ray_address`` (or the one this process is connected to,
         or a new local one); each asks for ``ray_num_cpus`` CPUs and ``ray_num_gpus`` GPUs."""
-        ray = _import_ray()
+        ray = _import_extra("ray", "Ray", "ray")
         started = False
         if not ray.is_initialized():
             ray.init(address=section.ray_address, include_dashboard=False, log_to_driver=False)
