@@ -30,7 +30,7 @@ from runner.plan import RunPlan, UpstreamWeights, named_weights, plan
 from runner.rng import preserved, seed_everything
 from runner.spec import Spec, load_spec
 from runner.store import Store, new_owner
-from runner.training import SilentRecorder, apply_stage, fit
+from runner.training import FitResult, SilentRecorder, apply_stage, fit
 from runner.upstream import experiment_chain, find_upstream, upstream_experiment
 from runner.version import __version__
 
@@ -325,13 +325,6 @@ def train_run(
                 result = fit(run_plan, parts, recorder, run_dir, _progress_factory(quiet), resume_from=resume_from,
                              collective=collective)
                 collective.check_same_weights(parts.model, "after training")
-                with signals_deferred(raise_after=False):  # finished: a late signal changes nothing
-                    test = {k: v for k, v in result.test.items() if k != "confusion"}
-                    store.runs.save_split_metrics(run_id, "test", test, owner=owner)
-                    store.runs.finish(
-                        run_id, "completed", owner=owner, stop_reason=result.stop_reason, epochs_run=result.epochs_run,
-                        best_epoch=result.best_epoch, confusion_json=json.dumps(result.test["confusion"]),
-                    )
         except RunTakenOver:
             raise
         except KeyboardInterrupt as exc:
@@ -350,9 +343,26 @@ def train_run(
             if elsewhere is not None:
                 raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
             raise _failed(store, run_id, owner, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
+        # trained: a signal now cannot make the run interrupted (a worker takes it as "claim no more")
+        with signals_deferred(raise_after=False):
+            test = _store_completed(store, run_id, owner, result)
     # only now: until the run completed, its last checkpoint was what a resume would start from
     apply_retention(store, run_id, run_plan.spec.checkpoints.keep)
     return RunOutcome(run_id, "completed", test)
+
+
+def _store_completed(store: Store, run_id: str, owner: str, result: FitResult) -> dict[str, Any]:
+    """Store the trained run's test metrics and mark it completed; its test metrics (without the confusion matrix)."""
+    test = {k: v for k, v in result.test.items() if k != "confusion"}
+    try:
+        store.runs.save_split_metrics(run_id, "test", test, owner=owner)
+        store.runs.finish(run_id, "completed", owner=owner, stop_reason=result.stop_reason, epochs_run=result.epochs_run,
+                          best_epoch=result.best_epoch, confusion_json=json.dumps(result.test["confusion"]))
+    except RunTakenOver:
+        raise
+    except Exception as exc:
+        raise _failed(store, run_id, owner, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
+    return test
 
 
 def _failed(store: Store, run_id: str, owner: str, error: str, trace: str) -> TrainingFailed:

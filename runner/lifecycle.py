@@ -66,6 +66,7 @@ class _SignalState:
 
     depth = 0
     pending: int | None = None
+    late: int | None = None  # dropped by a block whose work was already done (see late_signal)
 
 
 _state = _SignalState()
@@ -104,6 +105,8 @@ def signals_deferred(raise_after: bool = True) -> Iterator[None]:
     """A stop signal arriving inside waits until the block is done, then raises (or is dropped).
 
     Used where stopping half-way would waste an epoch's bookkeeping; a second signal raises at once.
+    A dropped signal is kept for :func:`late_signal`: it came too late to stop this run, not too
+    late to stop a worker from claiming the next one.
     """
     _state.depth += 1
     try:
@@ -114,6 +117,13 @@ def signals_deferred(raise_after: bool = True) -> Iterator[None]:
         signum, _state.pending = _state.pending, None
         if raise_after:
             raise Interrupted(signum)
+        _state.late = signum
+
+
+def late_signal() -> int | None:
+    """The stop signal a finished run's bookkeeping dropped since the last call, if any (then forgotten)."""
+    signum, _state.late = _state.late, None
+    return signum
 
 
 @contextmanager
@@ -163,5 +173,5 @@ def heartbeat(beat: Callable[[], None], interval: float) -> Iterator[None]:
 
 __all__ = [
     "DEFAULT_HEARTBEAT_S", "HEARTBEAT_ENV", "MIN_HEARTBEAT_S", "Interrupted", "StopBeating", "heartbeat", "heartbeat_interval",
-    "signals_deferred", "signals_ignored", "stop_on_signals",
+    "late_signal", "signals_deferred", "signals_ignored", "stop_on_signals",
 ]

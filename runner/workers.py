@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from runner.errors import RunnerError, RunTakenOver
 from runner.execute import RunInterrupted, TrainingFailed, model_summary, run_columns, setup, train_run
-from runner.lifecycle import StopBeating, heartbeat, heartbeat_interval, signals_deferred, stop_on_signals
+from runner.lifecycle import Interrupted, StopBeating, heartbeat, heartbeat_interval, late_signal, signals_deferred, stop_on_signals
 from runner.resume import load_last_checkpoint, remove_leftovers, resumed_columns, resumed_plan
 from runner.store import DB_ENV, Store, new_owner
 from runner.store.queue import Claim
@@ -68,13 +68,25 @@ def work(store: Store, registries: Registries, *, sweep_id: str | None = None, q
     """
     report = WorkerReport()
     heartbeat_s = heartbeat_interval()
+    late_signal()  # one from before this worker started is not this worker's to act on
     with stop_on_signals():  # between runs too: a signal never ends the process with a run half claimed
         while (claim := store.queue.claim(new_owner(), heartbeat_s, sweep_id)) is not None:
             status, detail = run_claim(store, registries, claim, quiet)
             report.runs[claim.run_id] = status
             if on_run_end is not None:
                 on_run_end(claim.run_id, status, detail)
+            # a signal that arrived while this run's end was being stored still stops the worker
+            if (signum := late_signal()) is not None:
+                raise WorkerStopped(signum, claim.run_id, status)
     return report
+
+
+class WorkerStopped(Interrupted):
+    """A stop signal arrived as a run ended: that run keeps how it ended, the worker takes no other."""
+
+    def __init__(self, signum: int, run_id: str, status: str) -> None:
+        super().__init__(signum)
+        self.args = (f"worker stopped by {self.signal_name} as run {run_id} ended ({status}); the queue keeps the other runs",)
 
 
 @dataclass
@@ -288,5 +300,5 @@ def wait_for(workers: LocalWorkers, refresh: Callable[[], None], interval: float
         raise
 
 
-__all__ = ["work", "run_claim", "prepare", "fresh_plan", "WorkerReport", "LocalWorkers", "wait_for", "worker_command",
+__all__ = ["work", "WorkerStopped", "run_claim", "prepare", "fresh_plan", "WorkerReport", "LocalWorkers", "wait_for", "worker_command",
            "worker_environment", "threads_per_worker", "available_cores", "EXPECTED_EXITS"]

@@ -524,6 +524,33 @@ def test_a_stand_alone_worker_never_trains_an_upstream_experiment_it_fails_the_r
     assert store.query.count_runs() == 1  # the upstream was not run
 
 
+def test_ctrl_c_while_a_run_is_stored_completed_keeps_it_completed_and_the_worker_claims_no_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI caught a worker that went on emptying the queue after Ctrl-C: the signal reached it while
+    its run was being stored completed, where it was dropped. Deliver it exactly there."""
+    from runner.store.runs import RunWriter
+    from runner.sweeps import load_sweep, plan_sweep, queue_sweep
+    from runner.workers import WorkerStopped, work
+
+    store = Store(tmp_path / "results.db")
+    document = load_sweep(write_spec(tmp_path, name="three", seeds=3, training={"epochs": 1}))
+    queue_sweep(store, document, plan_sweep(document, builtin_registries()))
+    finish = RunWriter.finish
+
+    def finish_with_ctrl_c(self: Any, run_id: str, status: str, *args: Any, **kwargs: Any) -> None:
+        if status == "completed":
+            os.kill(os.getpid(), signal.SIGINT)  # handled at once, in the middle of storing the completion
+        finish(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(RunWriter, "finish", finish_with_ctrl_c)
+    with pytest.raises(WorkerStopped, match="worker stopped by SIGINT as run .* ended \\(completed\\)"):
+        work(store, builtin_registries())
+    statuses = [r["status"] for r in sweep_rows(tmp_path / "results.db")]
+    assert sorted(statuses) == ["completed", "queued", "queued"]
+    [completed] = [r for r in sweep_rows(tmp_path / "results.db") if r["status"] == "completed"]
+    assert len(epoch_metrics(tmp_path / "results.db")[completed["id"]]) == METRICS_PER_EPOCH
+
+
 WORKER_AT_ONCE = """
 import os, sys, time
 import torch, torchvision  # noqa: F401
@@ -603,8 +630,13 @@ def test_ctrl_c_stops_the_workers_stores_their_runs_interrupted_keeps_the_queue_
     spec = _slow_sweep(tmp_path)
     db = tmp_path / "results.db"
     proc = cli("run", spec, "--db", db, "-j", "2", env={"OMP_NUM_THREADS": "1"})
-    wait_until(lambda: sum(1 for r in sweep_rows(db) if r["status"] == "running" and r["epochs_run"] >= 1) == 2,
-               "two runs in training")
+
+    def two_mid_training_one_queued() -> bool:  # an epoch or more left each: neither is ending as the signal lands
+        rows = sweep_rows(db)
+        return (sum(1 for r in rows if r["status"] == "running" and 1 <= r["epochs_run"] <= 4) == 2
+                and any(r["status"] == "queued" for r in rows))
+
+    wait_until(two_mid_training_one_queued, "two runs in training and one queued")
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the sweep command
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
