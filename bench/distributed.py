@@ -13,9 +13,9 @@ the usual way to scale on GPUs).
         # experiments/vgg_pretrain.yaml (full VGG training), then experiments/vgg_transfer.yaml on
         # the weights of that run (head only, on cached features)
 
-On the CPU, ``OMP_WAIT_POLICY=PASSIVE`` is set for both sides unless the environment sets it: with
-OpenMP's default spinning, a multi-threaded process on a machine shared with other work waits for
-time slices (see the README's "Speed"), which would make any comparison a measure of the load.
+Both sides run with runner's own OpenMP waiting (a short spin, see the README's "Speed") unless the
+environment sets it: with OpenMP's default spinning, a multi-threaded process on a machine shared
+with other work waits for time slices, which would make any comparison a measure of the load.
 ``--threads T`` sets the one process's threads (default: torch's, the number of cores); each of the
 N processes uses one (torchrun's ``OMP_NUM_THREADS=1``).
 
@@ -67,7 +67,7 @@ def one_run(spec: Path, db: Path, nproc: int, sets: list[str], args: argparse.Na
         command += ["--nproc", str(nproc)]
     elif args.threads:
         command += ["--set", f"performance.threads={args.threads}"]
-    return runner(command, {"OMP_WAIT_POLICY": "PASSIVE", **os.environ} if args.device == "cpu" else dict(os.environ))
+    return runner(command, dict(os.environ))
 
 
 def spec_batch(spec: Path) -> int:
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--per-process-batch", action="store_true", help="batch_size per process (N times the global batch)")
     args = parser.parse_args()
 
-    print(f"before: {load()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE' if args.device == 'cpu' else '')}")
+    print(f"before: {load()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: runner sets a short spin)')}")
     results: dict[int, list[list[dict[str, Any]]]] = {1: [], args.nproc: []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):

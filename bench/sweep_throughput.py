@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import TUNING_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
 
@@ -67,6 +69,8 @@ def time_sweep(spec: Path, jobs: int, directory: Path, threads: int | None = Non
 QUEUE_BENCH = r"""
 import json, sys, time
 from pathlib import Path
+
+from benchlib import TUNING_ENV
 from runner.registries import load_registries
 from runner.store import Store, new_owner
 from runner.sweeps import load_sweep, plan_sweep, queue_sweep, expand
@@ -118,14 +122,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--queue-runs", type=int, default=200)
-    parser.add_argument("--spin", action="store_true", help="leave OMP_WAIT_POLICY alone (default: PASSIVE, see the README's Speed section)")
     parser.add_argument("--skip-sweeps", action="store_true", help="only the queue figures")
     args = parser.parse_args()
-    if not args.spin:  # spinning OpenMP threads make every parallel run crawl on a loaded machine
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     print(f"load before: {uptime()}")
     print(f"cores: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+          f"OpenMP waiting: runner's default unless set here ({', '.join(f'{k}={os.environ[k]}' for k in TUNING_ENV if k in os.environ) or 'none set'})")
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         spec = sweep_spec(directory, args.epochs, args.runs)

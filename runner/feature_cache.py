@@ -36,6 +36,7 @@ from runner.data import TensorBatches
 from runner.distributed import ONE_PROCESS, Collective
 from runner.interfaces import Strategy
 from runner.models import head_names, select_trainable
+from runner.performance import OPENMP_WAITING
 from runner.spec import Spec
 from runner.tensor_files import load_tensors, save_tensors
 
@@ -196,7 +197,7 @@ def cache_key(plan: RunPlan, model: nn.Module) -> str:
         "rgb_expanded": plan.data.rgb_expanded,
         "data": spec.data.model_dump(exclude={"batch_size", "eval_batch_size", "num_workers"}),
         "seed": spec.seed, "device": torch.device(plan.device).type,
-        "performance": {k: v for k, v in plan.performance.as_dict().items() if k != "omp_wait_policy"},  # memory format, precision
+        "performance": {k: v for k, v in plan.performance.as_dict().items() if k not in OPENMP_WAITING},  # memory format, precision
         "extraction": extraction_method(torch.device(plan.device)),
     }
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())

@@ -13,18 +13,20 @@
 * ``cudnn_benchmark``: on for CUDA unless the spec asks for ``deterministic: true``.
 * ``pin_memory``: on for CUDA (page-locked host batches, copied with ``non_blocking=True``).
 * ``threads``: torch's own default (``OMP_NUM_THREADS`` or the machine's cores) unless set. With
-  passive waiting (below) that stays the better default under load too: on 2 cores under a load of
-  8 to 13, a quickstart epoch took 16.5-19.1 s with two passive threads and 19.2-20.4 s with one
-  (and one thread rounds differently, so a run's numbers would depend on the load).
+  short spinning (below) that stays the better default under load too: on 2 cores under a load of
+  8 to 13, a quickstart epoch took 16.5-19.1 s with two passive threads and 19.2-20.4 s with one;
+  and the thread count is fixed for the run, never adapted to the load, because one thread rounds
+  differently from two: a run's numbers must not depend on what else the machine was doing.
 * ``compile``: ``torch.compile`` the module the loop trains, only when asked (compiling costs time).
 
 The resolved values go into the run's settings (``settings["performance"]``) so a run says how it
 was trained; :func:`applied` sets the process-wide ones for the duration of training and restores them.
 
 On a machine shared with other work (or with other runs), OpenMP threads that spin while they wait
-for each other burn the time slices the other processes need: :func:`contention_defaults` makes
-them sleep instead (``OMP_WAIT_POLICY=PASSIVE``), set by the command line before torch loads unless
-the user chose a wait policy; the run records the policy its process had (``omp_wait_policy``).
+for each other burn the time slices the other processes need: :func:`contention_defaults` shortens
+the spinning (``GOMP_SPINCOUNT=3000``; ``KMP_BLOCKTIME=0`` for Intel's and LLVM's runtimes), set by
+the command line before torch loads unless the user chose how threads wait; the run records what
+its process had (``omp_wait_policy``, ``gomp_spincount``, ``kmp_blocktime``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,19 @@ from runner.errors import SpecError
 
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
-# Any of these set means the user has chosen how OpenMP threads wait (GNU and Intel OpenMP runtimes)
-_WAIT_CHOSEN_BY = (WAIT_POLICY_ENV, "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+SPINCOUNT_ENV = "GOMP_SPINCOUNT"  # GNU libgomp, the runtime of torch's Linux wheels: busy-wait iterations
+BLOCKTIME_ENV = "KMP_BLOCKTIME"  # Intel's and LLVM's runtimes: milliseconds of busy-waiting
+# Any of these set means the user has chosen how OpenMP threads wait
+_WAIT_CHOSEN_BY = (WAIT_POLICY_ENV, SPINCOUNT_ENV, BLOCKTIME_ENV)
+# Busy-wait iterations before a waiting libgomp thread sleeps (its default: 300,000, some milliseconds;
+# passive: 0). Measured with bench/plain_loop.py, 2 epochs of the quickstart on 2 cores, seconds alone
+# and (each of) two copies at once: default 11.5-19.4 alone, 52-112 two at once; passive 14.5-19.5
+# and 21-27; 1,000 17-20 and 24-26; 3,000 11.9-18.4 and 24.5-35.7 (three at once 50-52); 10,000
+# 14.7-20.1 and 37-42; 100,000 11.8-14.7 and 44-45. 3,000 keeps the speed of spinning alone (the gaps
+# between a training step's parallel regions are shorter than that) and sleeps before a time slice is lost.
+SHORT_SPIN = "3000"
+# the recorded fields that say how threads waited: they change the speed, never the numbers
+OPENMP_WAITING = ("omp_wait_policy", "gomp_spincount", "kmp_blocktime")
 
 
 # ------------------------------------------------------------------------------------------
@@ -48,19 +61,22 @@ _WAIT_CHOSEN_BY = (WAIT_POLICY_ENV, "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 def contention_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """The variables a training process gets unless the user chose otherwise: ``OMP_WAIT_POLICY=PASSIVE``.
+    """The variables a training process gets unless the user chose otherwise: a short spin (:data:`SHORT_SPIN`).
 
     OpenMP's default lets a thread that waits for the others spin for a few milliseconds. Alone on
     the machine that saves a wake-up; with other processes on the same cores the spinning thread
     takes the time slice the thread it waits for needs, and every parallel operation waits a slice.
     Measured on 2 cores: a quickstart epoch took 30 s instead of 2.9 s under a load of 3, and 61-130 s
     instead of 16.5-19.1 s under a load of 8 to 13 (``bench/contention.py`` measures whole runs).
-    Passive waiting sleeps at once. For a launcher's worker processes too.
+    Passive waiting (sleeping at once) avoids that but costs a wake-up per parallel region: 20-30%
+    slower alone. A spin of a few thousand iterations is as fast as the default alone and close to
+    passive under load. Intel's and LLVM's runtimes (not measured here) wait passively, as before.
+    For a launcher's worker processes too.
     """
     environ = os.environ if environ is None else environ
     if any(name in environ for name in _WAIT_CHOSEN_BY):
         return {}
-    return {WAIT_POLICY_ENV: "PASSIVE"}
+    return {SPINCOUNT_ENV: SHORT_SPIN, BLOCKTIME_ENV: "0"}
 
 
 def contention_defaults() -> dict[str, str]:
@@ -86,8 +102,11 @@ class Performance:
     cudnn_benchmark: bool
     pin_memory: bool
     compile: bool
-    # OMP_WAIT_POLICY of the training process (None: unset, OpenMP's default of spinning a while)
+    # how the training process's OpenMP threads waited: its OMP_WAIT_POLICY, GOMP_SPINCOUNT and
+    # KMP_BLOCKTIME (None: unset; all three unset is OpenMP's default of spinning some milliseconds)
     omp_wait_policy: str | None = None
+    gomp_spincount: str | None = None
+    kmp_blocktime: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +209,8 @@ def resolve(spec: Any, device: Any, model: Any) -> Performance:
         pin_memory=_switch(wanted.pin_memory, cuda),
         compile=bool(wanted.compile),
         omp_wait_policy=os.environ.get(WAIT_POLICY_ENV),
+        gomp_spincount=os.environ.get(SPINCOUNT_ENV),
+        kmp_blocktime=os.environ.get(BLOCKTIME_ENV),
     )
 
 

@@ -476,35 +476,82 @@ def render(report: Report, fmt: str) -> str | bytes:
         return frame_json(table)
     if fmt == "csv":
         return table.to_csv(index=False)
-    if fmt == "markdown":  # missing values blank, as in the table and csv (not "nan": std of a one-run group)
-        return table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="")
+    if fmt == "markdown":
+        return markdown_table(table)
     if fmt == "latex":
-        return table.to_latex(index=False, escape=True, na_rep="")
+        return latex_table(table)
     return text_table(table)
 
 
-def text_table(frame: Any) -> str:
-    """An aligned plain-text table, built column-wise (DataFrame.to_string takes ~0.4 s on 10,000 runs).
+# Text, Markdown and LaTeX tables are built column-wise with pandas' vectorised string methods:
+# DataFrame.to_string, to_markdown (tabulate) and to_latex (Styler) take 0.4, 1.3 and 3.9 s on
+# 10,000 runs, cell by cell. Missing values are blank in all three (never "nan").
 
-    Numbers are right-aligned with 6 significant digits, text left-aligned, missing values blank.
-    """
+
+def _cell_texts(frame: Any, float_format: str) -> list[tuple[str, bool, Any]]:
+    """(column name, numeric?, the cells as a string Series) per column; floats in ``float_format``, missing blank."""
     import numpy as np
 
-    if frame.empty:
-        return "(no runs match)"
-    header, cells = [], []
+    columns = []
     for name in frame.columns:
         column = frame[name]
         if column.dtype.kind == "f":
-            text = column.__class__(np.char.mod("%.6g", column.to_numpy(dtype="float64")), index=column.index).where(column.notna(), "")
+            text = column.__class__(np.char.mod(float_format, column.to_numpy(dtype="float64")), index=column.index).where(column.notna(), "")
         else:
             text = column.astype("string").fillna("")
         numeric = column.dtype.kind in "fiu" or str(column.dtype) == "Int64"
-        width = max(len(str(name)), int(text.str.len().max()))
-        header.append(str(name).rjust(width) if numeric else str(name).ljust(width))
+        columns.append((str(name), numeric, text))
+    return columns
+
+
+def text_table(frame: Any) -> str:
+    """An aligned plain-text table: numbers right-aligned with 6 significant digits, text left-aligned."""
+    if frame.empty:
+        return "(no runs match)"
+    header, cells = [], []
+    for name, numeric, text in _cell_texts(frame, "%.6g"):
+        width = max(len(name), int(text.str.len().max()))
+        header.append(name.rjust(width) if numeric else name.ljust(width))
         cells.append(text.str.rjust(width) if numeric else text.str.ljust(width))
     body = cells[0].str.cat(cells[1:], sep="  ").str.rstrip() if len(cells) > 1 else cells[0].str.rstrip()
     return "\n".join(["  ".join(header).rstrip(), *body.tolist()])
+
+
+def markdown_table(frame: Any) -> str:
+    """A GitHub-flavoured pipe table (as tabulate's "pipe" format): numbers right-aligned, 6 significant digits."""
+    header, rule, cells = [], [], []
+    for name, numeric, text in _cell_texts(frame, "%.6g"):
+        name, text = name.replace("|", "\\|"), text.str.replace("|", "\\|", regex=False)
+        width = max(len(name), int(text.str.len().max()) if len(text) else 0, 3)
+        header.append(name.rjust(width) if numeric else name.ljust(width))
+        rule.append("-" * (width + 1) + ":" if numeric else ":" + "-" * (width + 1))
+        cells.append(text.str.rjust(width) if numeric else text.str.ljust(width))
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    if len(frame):
+        lines += ("| " + cells[0].str.cat(cells[1:], sep=" | ") + " |").tolist()
+    return "\n".join(lines)
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash ", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde ", "^": r"\textasciicircum "}
+_LATEX_PATTERN = "[" + "".join("\\" + c for c in _LATEX_SPECIAL) + "]"
+
+
+def _latex_escape(text: Any) -> Any:
+    return text.str.replace(_LATEX_PATTERN, lambda match: _LATEX_SPECIAL[match.group(0)], regex=True)
+
+
+def latex_table(frame: Any) -> str:
+    """A booktabs ``tabular`` as pandas' ``to_latex(index=False, escape=True)`` writes it: numbers right-aligned, 6 decimals."""
+    columns = _cell_texts(frame, "%.6f")
+    align = "".join("r" if numeric else "l" for _, numeric, _ in columns)
+    header = " & ".join(_latex_escape(frame.columns.to_series().astype("string")).tolist()) + " \\\\"
+    lines = [f"\\begin{{tabular}}{{{align}}}", "\\toprule", header, "\\midrule"]
+    if len(frame):
+        escaped = [_latex_escape(text) for _, _, text in columns]
+        lines += (escaped[0].str.cat(escaped[1:], sep=" & ") + " \\\\").tolist()
+    lines += ["\\bottomrule", "\\end{tabular}", ""]
+    return "\n".join(lines)
 
 
 def write_output(path: Path, data: str | bytes) -> None:

@@ -134,7 +134,8 @@ def test_the_trained_run_records_its_switches(run_cli, trained_tiny_run) -> None
     assert performance == {
         "threads": performance["threads"], "channels_last": True, "amp": None, "grad_scaler": False,
         "cudnn_benchmark": False, "pin_memory": False, "compile": False, "batches": "in-memory tensors, on cpu",
-        "omp_wait_policy": performance["omp_wait_policy"],
+        "omp_wait_policy": performance["omp_wait_policy"], "gomp_spincount": performance["gomp_spincount"],
+        "kmp_blocktime": performance["kmp_blocktime"],
     }
     assert isinstance(performance["threads"], int) and performance["threads"] >= 1
 
@@ -142,10 +143,10 @@ def test_the_trained_run_records_its_switches(run_cli, trained_tiny_run) -> None
 # ---- contention: how OpenMP threads wait -----------------------------------------------------------
 
 
-def test_openmp_threads_wait_passively_unless_the_user_chose() -> None:
+def test_openmp_threads_spin_briefly_unless_the_user_chose() -> None:
     from runner.performance import contention_environment
 
-    assert contention_environment({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert contention_environment({}) == {"GOMP_SPINCOUNT": "3000", "KMP_BLOCKTIME": "0"}
     for chosen in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "10000"}, {"KMP_BLOCKTIME": "0"}):
         assert contention_environment(chosen) == {}
 
@@ -154,22 +155,25 @@ def test_the_command_line_sets_the_wait_policy_before_torch_loads(tmp_path) -> N
     """In a fresh process the CLI's entry sets it (torch not loaded yet); once torch is loaded nothing changes."""
     code = ("import os, sys\nfrom runner.cli import main\n"
             "try:\n    main(['runs', '--db', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
-            "print(os.environ.get('OMP_WAIT_POLICY'))\n"
+            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'))\n"
             "import torch\nfrom runner.performance import contention_defaults\n"
-            "os.environ.pop('OMP_WAIT_POLICY')\nprint(contention_defaults())\n")
+            "os.environ.pop('GOMP_SPINCOUNT', None)\nprint(contention_defaults())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
     fresh = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none.db")], capture_output=True, text=True, env=env, timeout=300)
-    assert fresh.stdout.splitlines() == ["PASSIVE", "{}"], fresh.stderr
+    assert fresh.stdout.splitlines() == ["3000 0", "{}"], fresh.stderr
     chosen = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none.db")], capture_output=True, text=True,
                             env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, timeout=300)
-    assert chosen.stdout.splitlines() == ["ACTIVE", "{}"], chosen.stderr
+    assert chosen.stdout.splitlines() == ["None None", "{}"], chosen.stderr  # the user's ACTIVE alone
 
 
 def test_a_run_records_its_wait_policy_and_older_runs_read_back_without_one(tmp_path, monkeypatch) -> None:
     from runner.performance import Performance
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert _run(tmp_path, [])["settings"]["performance"]["omp_wait_policy"] == "PASSIVE"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "3000")
+    monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
+    performance = _run(tmp_path, [])["settings"]["performance"]
+    assert (performance["omp_wait_policy"], performance["gomp_spincount"], performance["kmp_blocktime"]) == ("PASSIVE", "3000", None)
     stored_before = {"threads": 2, "channels_last": True, "amp": None, "grad_scaler": False, "cudnn_benchmark": False,
                      "pin_memory": False, "compile": False, "batches": "in-memory tensors, on cpu"}
     assert Performance.from_dict(stored_before).omp_wait_policy is None
