@@ -598,8 +598,8 @@ def test_sigkill_of_the_sweep_and_its_workers_then_the_same_command_finishes_eve
     def caught_mid_sweep() -> bool:
         assert proc.poll() is None, proc.communicate()
         rows = sweep_rows(db) if db.exists() else []
-        return (any(r["status"] == "completed" for r in rows)
-                and sum(1 for r in rows if r["status"] == "running" and r["epochs_run"] >= 1) == 2)
+        return (any(r["status"] == "completed" for r in rows)  # and two an epoch or more from their end
+                and sum(1 for r in rows if r["status"] == "running" and 1 <= r["epochs_run"] <= 4) == 2)
 
     wait_until(caught_mid_sweep, "a completed run and two running ones")
     workers = children_of(proc.pid)
