@@ -69,8 +69,6 @@ def time_sweep(spec: Path, jobs: int, directory: Path, threads: int | None = Non
 QUEUE_BENCH = r"""
 import json, sys, time
 from pathlib import Path
-
-from benchlib import TUNING_ENV
 from runner.registries import load_registries
 from runner.store import Store, new_owner
 from runner.sweeps import load_sweep, plan_sweep, queue_sweep, expand

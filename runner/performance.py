@@ -49,8 +49,8 @@ _WAIT_CHOSEN_BY = (WAIT_POLICY_ENV, SPINCOUNT_ENV, BLOCKTIME_ENV)
 # passive: 0). Measured with bench/plain_loop.py, 2 epochs of the quickstart on 2 cores, seconds alone
 # and (each of) two copies at once: default 11.5-19.4 alone, 52-112 two at once; passive 14.5-19.5
 # and 21-27; 1,000 17-20 and 24-26; 3,000 11.9-18.4 and 24.5-35.7 (three at once 50-52); 10,000
-# 14.7-20.1 and 37-42; 100,000 11.8-14.7 and 44-45. 3,000 keeps the speed of spinning alone (the gaps
-# between a training step's parallel regions are shorter than that) and sleeps before a time slice is lost.
+# 14.7-20.1 and 37-42; 100,000 11.8-14.7 and 44-45. 3,000 was as fast as the default alone and close
+# to passive two at once (bench/contention.py: whole runs, 2 and 3 copies).
 SHORT_SPIN = "3000"
 # the recorded fields that say how threads waited: they change the speed, never the numbers
 OPENMP_WAITING = ("omp_wait_policy", "gomp_spincount", "kmp_blocktime")
