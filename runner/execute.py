@@ -342,7 +342,7 @@ def train_run(
             elsewhere = None if isinstance(exc, RunnerError) else collective.failure_elsewhere()
             if elsewhere is not None:
                 raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
-            raise _failed(store, run_id, owner, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
+            raise _failed(store, run_id, owner, *_described(exc)) from exc
         # trained: a signal now cannot make the run interrupted (a worker takes it as "claim no more")
         with signals_deferred(raise_after=False):
             test = _store_completed(store, run_id, owner, result)
@@ -361,8 +361,13 @@ def _store_completed(store: Store, run_id: str, owner: str, result: FitResult) -
     except RunTakenOver:
         raise
     except Exception as exc:
-        raise _failed(store, run_id, owner, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
+        raise _failed(store, run_id, owner, *_described(exc)) from exc
     return test
+
+
+def _described(exc: BaseException) -> tuple[str, str]:
+    """The error and traceback stored with a run that failed on ``exc`` (being handled)."""
+    return f"{type(exc).__name__}: {exc}", traceback.format_exc()
 
 
 def _failed(store: Store, run_id: str, owner: str, error: str, trace: str) -> TrainingFailed:

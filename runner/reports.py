@@ -504,15 +504,19 @@ def _cell_texts(frame: Any, float_format: str) -> list[tuple[str, bool, Any]]:
     return columns
 
 
+def _padded(name: str, numeric: bool, text: Any, min_width: int = 0) -> tuple[str, Any]:
+    """A column's header and cells padded to one width: numbers right-aligned, text left-aligned."""
+    width = max(len(name), int(text.str.len().max()) if len(text) else 0, min_width)
+    if numeric:
+        return name.rjust(width), text.str.rjust(width)
+    return name.ljust(width), text.str.ljust(width)
+
+
 def text_table(frame: Any) -> str:
     """An aligned plain-text table: numbers right-aligned with 6 significant digits, text left-aligned."""
     if frame.empty:
         return "(no runs match)"
-    header, cells = [], []
-    for name, numeric, text in _cell_texts(frame, "%.6g"):
-        width = max(len(name), int(text.str.len().max()))
-        header.append(name.rjust(width) if numeric else name.ljust(width))
-        cells.append(text.str.rjust(width) if numeric else text.str.ljust(width))
+    header, cells = map(list, zip(*(_padded(name, numeric, text) for name, numeric, text in _cell_texts(frame, "%.6g"))))
     body = cells[0].str.cat(cells[1:], sep="  ").str.rstrip() if len(cells) > 1 else cells[0].str.rstrip()
     return "\n".join(["  ".join(header).rstrip(), *body.tolist()])
 
@@ -521,11 +525,10 @@ def markdown_table(frame: Any) -> str:
     """A GitHub-flavoured pipe table (as tabulate's "pipe" format): numbers right-aligned, 6 significant digits."""
     header, rule, cells = [], [], []
     for name, numeric, text in _cell_texts(frame, "%.6g"):
-        name, text = name.replace("|", "\\|"), text.str.replace("|", "\\|", regex=False)
-        width = max(len(name), int(text.str.len().max()) if len(text) else 0, 3)
-        header.append(name.rjust(width) if numeric else name.ljust(width))
-        rule.append("-" * (width + 1) + ":" if numeric else ":" + "-" * (width + 1))
-        cells.append(text.str.rjust(width) if numeric else text.str.ljust(width))
+        name, text = _padded(name.replace("|", "\\|"), numeric, text.str.replace("|", "\\|", regex=False), min_width=3)
+        header.append(name)
+        rule.append("-" * (len(name) + 1) + ":" if numeric else ":" + "-" * (len(name) + 1))
+        cells.append(text)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
     if len(frame):
         lines += ("| " + cells[0].str.cat(cells[1:], sep=" | ") + " |").tolist()
