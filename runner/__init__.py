@@ -137,9 +137,12 @@ def run(
     from runner.performance import contention_defaults
 
     contention_defaults()  # when torch is not loaded yet: OpenMP threads that sleep while they wait
+    from runner import import_gc
     from runner.errors import RunnerError
-    from runner.execute import run_experiment
     from runner.store import Store, artifacts_required, resolve_url
+
+    with import_gc.paused():
+        from runner.execute import run_experiment
 
     reason = artifacts_required(resolve_url(db), artifacts)  # a server store needs an artefact directory, before any work
     if reason is not None:

@@ -184,9 +184,12 @@ def run(ctx: click.Context, spec: Path, overrides: tuple[str, ...], db: str | No
         options = [*(["--db", db] if db else []), *(["--artifacts", artifacts] if artifacts else []),
                    *(["--device", device] if device else []), *(["-q"] if quiet else [])]
         _launch(ctx, nproc, ["run", str(spec), *[a for o in overrides for a in ("--set", o)], *options])
-    from runner import distributed
-    from runner.execute import run_experiment
-    from runner.plan import resolve_device
+    from runner import import_gc
+
+    with import_gc.paused():
+        from runner import distributed
+        from runner.execute import run_experiment
+        from runner.plan import resolve_device
 
     with distributed.session(lambda: str(resolve_device(device or checked.device)), ctx.find_root().obj["debug"]) as collective:
         registries = _load_registries(warn=collective.is_writer)
@@ -214,8 +217,11 @@ def resume(ctx: click.Context, run_id: str, db: str | None, quiet: bool, nproc: 
     """
     if nproc is not None:
         _launch(ctx, nproc, ["resume", run_id, *(["--db", db] if db else []), *(["-q"] if quiet else [])])
-    from runner import distributed
-    from runner.resume import resume_run
+    from runner import import_gc
+
+    with import_gc.paused():
+        from runner import distributed
+        from runner.resume import resume_run
 
     def run_device() -> str:
         return str(_store(db, create=False).query.run_row(run_id)["device"] or "cpu")

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import pluggy
 
-from runner import hookspecs
+from runner import hookspecs, import_gc
 from runner.errors import DuplicateNameError, one_line
 from runner.registry import Registry
 from runner.version import __version__
@@ -227,6 +227,11 @@ def load_registries(pm: pluggy.PluginManager | None = None, *, plugins: Iterable
 
     :param plugins: the third-party plugins to load (see :func:`get_plugin_manager`'s ``only``).
     """
+    with import_gc.paused():  # loading the built-in plugins imports torch and torchvision
+        return _load(pm, plugins)
+
+
+def _load(pm: pluggy.PluginManager | None, plugins: Iterable[str] | None) -> Registries:
     registries = Registries()
     if pm is None:
         pm = get_plugin_manager(registries.problems, only=plugins)
