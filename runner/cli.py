@@ -99,7 +99,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Run image-classification experiments from YAML specs and compare their results."""
-    ctx.obj = {"debug": debug}
+    ctx.ensure_object(dict)["debug"] = debug
     from runner import exit_hook
 
     # skips ~1 s of garbage collection at exit after torch is imported, ~0.05 s after SQLAlchemy and pandas
@@ -186,7 +186,7 @@ def run(ctx: click.Context, spec: Path, overrides: tuple[str, ...], db: str | No
         _launch(ctx, nproc, ["run", str(spec), *[a for o in overrides for a in ("--set", o)], *options])
     from runner import import_gc
 
-    with import_gc.paused():
+    with import_gc.paused(freeze=ctx.find_root().obj.get("whole_process", False)):
         from runner import distributed
         from runner.execute import run_experiment
         from runner.plan import resolve_device
@@ -219,7 +219,7 @@ def resume(ctx: click.Context, run_id: str, db: str | None, quiet: bool, nproc: 
         _launch(ctx, nproc, ["resume", run_id, *(["--db", db] if db else []), *(["-q"] if quiet else [])])
     from runner import import_gc
 
-    with import_gc.paused():
+    with import_gc.paused(freeze=ctx.find_root().obj.get("whole_process", False)):
         from runner import distributed
         from runner.resume import resume_run
 
@@ -845,7 +845,8 @@ def main(argv: list[str] | None = None) -> None:
     contention_defaults()  # before anything loads torch: OpenMP reads its wait policy once
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="runner", standalone_mode=False)
+        # argv None: this process's own command line, so the command may act on the whole process
+        cli.main(args=argv, prog_name="runner", standalone_mode=False, obj={"whole_process": argv is None})
     except click.exceptions.Abort as exc:
         cause = exc.__cause__  # click turns a KeyboardInterrupt (e.g. a run's interruption) into Abort
         click.echo(str(cause) if isinstance(cause, KeyboardInterrupt) and str(cause) else "aborted", err=True)

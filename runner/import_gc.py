@@ -3,11 +3,15 @@
 Importing torch, torchvision and the runner's training modules creates about a million objects.
 On the way Python's collector runs full collections (six while ``runner run`` imports them), each
 traversing every object imported so far, and finds almost nothing: modules, classes and functions
-live as long as the process. Paused during those imports, the collector saved 0.7 to 1.2 s of a
-5-6 s import on this 2-core machine (``python -c "import torch, torchvision, runner.execute"``,
-three runs each way under load). Then one full collection runs and what is left is frozen
-(``gc.freeze``), so the full collections that training triggers later skip it: allocating three
-million small lists afterwards took half as long (1.4-1.9 s against 2.7-3.9 s).
+live as long as the process. So those imports run with the collector paused.
+
+A command (one process) also freezes what the imports left (``gc.freeze`` after one collection), so
+the full collections that come later skip it. Measured on this 2-core machine under load, three
+runs each way (``python -c "import torch, torchvision, runner.execute"``, then allocating three
+million small lists): the import took 3.0-5.0 s paused and frozen against 4.1-5.8 s as usual, and
+the allocation afterwards 1.4-1.9 s against 2.7-3.9 s. A library call (``runner.run()`` in a user's
+process) only pauses: frozen objects are never collected, so a user's objects alive at that moment
+would leak if they became cyclic garbage later.
 
 Nothing here imports torch: callers put their heavy imports inside :func:`paused`.
 """
@@ -20,15 +24,21 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def paused() -> Iterator[None]:
-    """Collect no garbage inside the block; afterwards collect once, freeze what is left and collect as before."""
+def paused(freeze: bool = False) -> Iterator[None]:
+    """Collect no garbage inside the block.
+
+    :param freeze: afterwards collect once and freeze what is left; only for a process that is one
+        command (``runner`` on the command line, not ``runner.cli.main([...])`` called in a test or
+        a user's script), see the module docstring.
+    """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.collect()  # one full pass, so that no garbage (a caller's own, too) is frozen for good
-        gc.freeze()  # what is left is imported code and state: later collections skip it
+        if freeze:
+            gc.collect()  # one full pass, so that no garbage is frozen for good
+            gc.freeze()  # what is left is imported code and state: later collections skip it
         if was_enabled:
             gc.enable()
 

@@ -283,3 +283,30 @@ def test_every_command_gets_the_fast_exit_hook_unless_switched_off(tmp_path: Pat
     result = subprocess.run([sys.executable, "-c", EXIT_PROBE, *args], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, **env}, timeout=120)
     assert result.stderr.strip().splitlines()[-1] == ("HOOK" if hooked else "NO HOOK")
+
+
+# Runs `runner run` in a fresh interpreter, as the command line (argv from sys.argv) or as a call
+# with an explicit argv (a test, a user's script); then says how many objects the collector froze
+GC_PROBE = textwrap.dedent("""
+    import gc, sys
+    from runner.cli import main
+    as_command_line = sys.argv[1] == "command-line"
+    sys.argv = ["runner", *sys.argv[2:]]
+    try:
+        main(None if as_command_line else sys.argv[1:])
+    except SystemExit:
+        pass
+    print(gc.get_freeze_count(), gc.isenabled(), file=sys.stderr)
+""")
+
+
+@pytest.mark.parametrize(("how", "frozen"), [("command-line", True), ("call", False)])
+def test_a_run_freezes_its_imports_only_when_it_is_the_whole_process(tmp_path: Path, how: str, frozen: bool) -> None:
+    # frozen objects are never collected: in a user's own process they could leak, so a call only pauses
+    env = {**os.environ, "RUNNER_FAST_EXIT": "0"}  # the exit hook freezes too, at exit: keep it out of the count
+    result = subprocess.run([sys.executable, "-c", GC_PROBE, how, "run", str(TINY_SPEC), "--db", str(tmp_path / "r.db"), "-q"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    count, enabled = result.stderr.strip().splitlines()[-1].split()
+    assert (int(count) > 100_000) is frozen and enabled == "True", result.stderr[-2000:]
+    assert (tmp_path / "r.db").exists() and "completed" in subprocess.run(
+        [sys.executable, "-m", "runner", "runs", "--db", str(tmp_path / "r.db")], capture_output=True, text=True, env=env).stdout
