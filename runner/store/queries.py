@@ -277,9 +277,9 @@ class RunQueries:
         )
         query = (
             sa.select(
-                *schema.runs.c["id", "name"], status_now(now).label("status"), *schema.runs.c["seed", "model", "strategy", "epochs_run",
-                                                                                             "best_val_accuracy"],
-                test_acc.c.test_accuracy, *schema.runs.c["duration_s", "started_at", "heartbeat_at", "sweep_id", "attempts"],
+                *schema.runs.c["id", "name"], status_now(now).label("status"),
+                *schema.runs.c["seed", "model", "strategy", "epochs_run", "best_val_accuracy"], test_acc.c.test_accuracy,
+                *schema.runs.c["duration_s", "started_at", "heartbeat_at", "sweep_id", "attempts"],
             )
             .outerjoin(test_acc, test_acc.c.run_id == schema.runs.c.id)
             .where(*conditions)
