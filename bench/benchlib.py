@@ -200,8 +200,11 @@ def _build_store_here(db: Path, runs: int, epochs: int) -> dict[str, float]:
     """
     import sqlalchemy as sa
 
-    from runner.store import Store
-    from runner.store.schema import Epoch, EpochMetric, Run, SplitMetric
+    from runner.store import Store, schema
+
+    # this script runs with the store code of the version measured: before its tables were Core
+    # tables, they were the ORM models' (a --baseline-ref older than that)
+    tables = (schema.metadata if hasattr(schema, "metadata") else schema.Base.metadata).tables
 
     began = time.perf_counter()
     store = Store(db)  # the schema, exactly as the runner creates it
@@ -252,13 +255,13 @@ def _build_store_here(db: Path, runs: int, epochs: int) -> dict[str, float]:
 
     with store.engine.begin() as conn:
         conn.exec_driver_sql("PRAGMA synchronous=OFF")
-        for table, rows in ((Run, iter(run_rows)), (SplitMetric, iter(split_rows)), (EpochMetric, metric_rows()), (Epoch, epoch_rows())):
+        for name, rows in (("runs", iter(run_rows)), ("split_metrics", iter(split_rows)), ("epoch_metrics", metric_rows()), ("epochs", epoch_rows())):
             for chunk in chunks(rows):
-                conn.execute(sa.insert(table.__table__), chunk)
+                conn.execute(sa.insert(tables[name]), chunk)
     with store.engine.begin() as conn:
         conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        counts = {t.__tablename__: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
-                  for t in (Run, EpochMetric, Epoch, SplitMetric)}
+        counts = {name: conn.execute(sa.select(sa.func.count()).select_from(tables[name])).scalar_one()
+                  for name in ("runs", "epoch_metrics", "epochs", "split_metrics")}
     store.engine.dispose()
     return {"build_s": time.perf_counter() - began, **counts}
 

@@ -93,8 +93,7 @@ def build_report_store(url: str, artifacts: Path, rows: int, epochs: int = 50) -
     batches: the same code for both backends (the schema comes from the store module)."""
     import sqlalchemy as sa
 
-    from runner.store import Store
-    from runner.store.schema import Epoch, EpochMetric, Run, SplitMetric
+    from runner.store import Store, schema
 
     store = Store(url, artifacts=artifacts)
     runs = max(1, rows // (epochs * len(METRICS)))
@@ -123,10 +122,10 @@ def build_report_store(url: str, artifacts: Path, rows: int, epochs: int = 50) -
                     metric_rows += [{"run_id": run_id, "epoch": epoch, "name": k, "value": v}
                                     for k, v in zip(METRICS, (1 - progress, progress, 1.1 - progress, progress * 0.98))]
                     epoch_rows.append({"run_id": run_id, "epoch": epoch, "duration_s": 6.0, "finished_at": start})
-            conn.execute(sa.insert(Run), run_rows)
-            conn.execute(sa.insert(SplitMetric), split_rows)
-            conn.execute(sa.insert(EpochMetric), metric_rows)
-            conn.execute(sa.insert(Epoch), epoch_rows)
+            conn.execute(sa.insert(schema.runs), run_rows)
+            conn.execute(sa.insert(schema.split_metrics), split_rows)
+            conn.execute(sa.insert(schema.epoch_metrics), metric_rows)
+            conn.execute(sa.insert(schema.epochs), epoch_rows)
     return {"build_s": time.perf_counter() - began, "runs": runs, "metric_rows": runs * epochs * len(METRICS)}
 
 

@@ -278,11 +278,11 @@ def schema_of(db: str) -> dict[str, Any]:
 
 
 def test_a_new_store_has_every_table_of_the_models_and_reopening_it_changes_nothing(store_db: str) -> None:
-    from runner.store.schema import Base
+    from runner.store.schema import metadata
 
     Store(store_db)
     created = schema_of(store_db)
-    assert set(created["tables"]) == set(Base.metadata.tables) and created["meta"] == [("schema_version", str(SCHEMA_VERSION))]
+    assert set(created["tables"]) == set(metadata.tables) and created["meta"] == [("schema_version", str(SCHEMA_VERSION))]
     assert Store(store_db, create=False).schema_version() == SCHEMA_VERSION
     assert schema_of(store_db) == created
 

@@ -32,15 +32,14 @@ from urllib.parse import quote
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError, OperationalError
-from sqlalchemy.orm import Session
 
 from runner.errors import StoreError
+from runner.store import schema
 from runner.store.manage import RunManagement
 from runner.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from runner.store.queries import RunQueries
 from runner.store.queue import RunQueue
 from runner.store.runs import RunWriter
-from runner.store.schema import Base, Meta
 
 DEFAULT_DB = "results.db"
 DB_ENV = "RUNNER_DB"
@@ -52,6 +51,9 @@ SCHEMA_LOCK = 0x72756E6E
 TRANSIENT = ("locked", "busy", "already exists", "deadlock detected", "could not serialize")
 
 T = TypeVar("T")
+
+# the schema version a store holds (a row of its meta table)
+_SELECT_VERSION = sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
 
 # inside Store.write (per thread): a database error then says the store could not be written, else read
 _writing: ContextVar[bool] = ContextVar("runner_store_writing", default=False)
@@ -259,8 +261,8 @@ class Store:
     def _check_schema_read_only(self) -> None:
         """A store this process cannot write is read as it is: it must already have the current schema."""
         with self.engine.connect() as conn:
-            has_meta = sa.inspect(conn).has_table(Meta.__tablename__)
-            version = conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar() if has_meta else None
+            has_meta = sa.inspect(conn).has_table(schema.meta.name)
+            version = conn.execute(_SELECT_VERSION).scalar() if has_meta else None
         if version is None:
             raise StoreError(f"{self.location} is not a runner results store")
         self._check_version(int(version))
@@ -292,20 +294,20 @@ class Store:
         """
         with self.engine.connect() as conn:
             try:
-                version = conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar()
+                version = conn.execute(_SELECT_VERSION).scalar()
             except DatabaseError:  # no meta table (yet), or not a store
                 return None
         return int(version) if version is not None and version.isdigit() else None
 
     def _create_or_check_schema(self) -> None:
         with self._schema_transaction() as conn:
-            has_meta = sa.inspect(conn).has_table(Meta.__tablename__)
-            version = conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar() if has_meta else None
+            has_meta = sa.inspect(conn).has_table(schema.meta.name)
+            version = conn.execute(_SELECT_VERSION).scalar() if has_meta else None
             if version is None:
                 if sa.inspect(conn).get_table_names():
                     raise StoreError(f"{self.location} holds tables but is not a runner results store")
-                Base.metadata.create_all(conn)
-                conn.execute(sa.insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+                schema.metadata.create_all(conn)
+                conn.execute(sa.insert(schema.meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
                 return
             version = int(version)
         self._check_version(version)
@@ -314,21 +316,21 @@ class Store:
 
     def _migrate_to(self, number: int) -> None:
         with self._schema_transaction() as conn:
-            current = int(conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar_one())
+            current = int(conn.execute(_SELECT_VERSION).scalar_one())
             if current >= number:  # another process got there first
                 return
             MIGRATIONS[number - 1](conn)
-            conn.execute(sa.update(Meta).where(Meta.key == "schema_version").values(value=str(number)))
+            conn.execute(sa.update(schema.meta).where(schema.meta.c.key == "schema_version").values(value=str(number)))
 
     def schema_version(self) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(Meta.value).where(Meta.key == "schema_version")).scalar_one())
+            return int(conn.execute(_SELECT_VERSION).scalar_one())
 
     # ---- transactions ---------------------------------------------------------------------------
-    def write(self, action: Callable[[Session], T], exclusive: bool = False) -> T:
-        """Run ``action`` in one write transaction (a session), retried while SQLite is locked.
+    def write(self, action: Callable[[sa.Connection], T], exclusive: bool = False) -> T:
+        """Run ``action`` on a connection in one write transaction, retried while SQLite is locked.
 
-        ``action`` may run more than once: it must do nothing outside the session. ``exclusive``
+        ``action`` may run more than once: it must do nothing outside the transaction. ``exclusive``
         takes SQLite's write lock at the first statement (BEGIN IMMEDIATE), for transactions that
         read and then write what they read (a queue claim): no other writer can come in between.
         Elsewhere such transactions lock the rows they select (``FOR UPDATE``).
@@ -336,10 +338,10 @@ class Store:
         def attempt() -> T:
             writing = _writing.set(True)
             try:
-                with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                with self.engine.begin() as conn:
                     if exclusive and self.is_sqlite:
-                        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
-                    return action(session)
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    return action(conn)
             finally:
                 _writing.reset(writing)
 

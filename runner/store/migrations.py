@@ -1,9 +1,9 @@
 """Schema migrations: ordered functions, each bringing a store from version N-1 to N.
 
-A new store is created from the current models (:mod:`runner.store.schema`) and stamped with the
+A new store is created from the current tables (:mod:`runner.store.schema`) and stamped with the
 newest version; an older store runs the migrations it lacks, in order, in one transaction each
 (:mod:`runner.store.database`). Each migration is self-contained: it spells out the tables as they
-were at its version and never imports the models, so later model changes cannot change what it
+were at its version and never imports today's tables, so later schema changes cannot change what it
 does. Never edit a released migration: add one. tests/test_migrations.py checks that a store
 migrated from every released version (fixtures in tests/data) has exactly the tables of a new one.
 """

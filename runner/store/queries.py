@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.sql import quoted_name
 
 from runner.errors import RunNotFoundError
-from runner.store.schema import Checkpoint, EpochMetric, Evaluation, Run, SplitMetric, Tag
+from runner.store import schema
 from runner.store.status import live_status, status_now, utcnow
 
 if TYPE_CHECKING:
@@ -117,13 +117,13 @@ def container_text(value: Any) -> Any:
 
 def has_tags(tags: Sequence[str]) -> Any:
     """The run carries every tag in ``tags`` (an SQL condition over ``runs``)."""
-    return sa.and_(sa.true(), *(Run.id.in_(sa.select(Tag.run_id).where(Tag.tag == tag)) for tag in tags))
+    return sa.and_(sa.true(), *(schema.runs.c.id.in_(sa.select(schema.tags.c.run_id).where(schema.tags.c.tag == tag)) for tag in tags))
 
 
 def spec_equals(key: str, value: Any, dialect: str = "sqlite") -> Any:
     """The stored spec value at ``key`` equals ``value``, compared with JSON types (1 ≠ "1", true ≠ 1)."""
-    kind = json_type(Run.spec_json, key, dialect)
-    stored = json_value(Run.spec_json, key, dialect)
+    kind = json_type(schema.runs.c.spec_json, key, dialect)
+    stored = json_value(schema.runs.c.spec_json, key, dialect)
     if value is None:
         return kind == "null"
     if isinstance(value, bool):
@@ -147,16 +147,16 @@ def run_conditions(run_filter: RunFilter, now: datetime, dialect: str) -> list[A
     if run_filter.status:
         conditions.append(status_now(now) == run_filter.status)
     if run_filter.name_glob:
-        conditions.append(glob_match(Run.name, run_filter.name_glob, dialect))
+        conditions.append(glob_match(schema.runs.c.name, run_filter.name_glob, dialect))
     if run_filter.since is not None:
-        conditions.append(Run.started_at >= run_filter.since)
+        conditions.append(schema.runs.c.started_at >= run_filter.since)
     if run_filter.run_ids:
-        conditions.append(Run.id.in_(list(run_filter.run_ids)))
+        conditions.append(schema.runs.c.id.in_(list(run_filter.run_ids)))
     conditions.extend(spec_equals(key, value, dialect) for key, value in run_filter.where)
     if run_filter.tags:
         conditions.append(has_tags(run_filter.tags))
     if run_filter.sweep_id is not None:
-        conditions.append(Run.sweep_id == run_filter.sweep_id)
+        conditions.append(schema.runs.c.sweep_id == run_filter.sweep_id)
     return conditions
 
 
@@ -181,7 +181,8 @@ class RunQueries:
     def resolve_run_id(self, run_id: str) -> str:
         """A full run id from an id or a unique prefix of one."""
         with self._store.engine.connect() as conn:
-            ids = conn.execute(sa.select(Run.id).where(Run.id.startswith(run_id, autoescape=True)).limit(2)).scalars().all()
+            query = sa.select(schema.runs.c.id).where(schema.runs.c.id.startswith(run_id, autoescape=True)).limit(2)
+            ids = conn.execute(query).scalars().all()
         if len(ids) == 1:
             return ids[0]
         if not ids:
@@ -192,22 +193,24 @@ class RunQueries:
         """Every column of a run (an id or unique prefix), ``status`` as a reader should see it."""
         run_id = self.resolve_run_id(run_id)
         with self._store.engine.connect() as conn:
-            row = dict(conn.execute(sa.select(Run).where(Run.id == run_id)).mappings().one())
+            row = dict(conn.execute(sa.select(schema.runs).where(schema.runs.c.id == run_id)).mappings().one())
         row["status"] = live_status(row["status"], row["lost_after"], utcnow())
         return row
 
     def epoch_metrics(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         with self._store.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(EpochMetric.run_id, EpochMetric.epoch, EpochMetric.name, EpochMetric.value)
-                .where(EpochMetric.run_id.in_(list(run_ids)))
-                .order_by(EpochMetric.run_id, EpochMetric.epoch, EpochMetric.name)
+                sa.select(*schema.epoch_metrics.c["run_id", "epoch", "name", "value"])
+                .where(schema.epoch_metrics.c.run_id.in_(list(run_ids)))
+                .order_by(*schema.epoch_metrics.c["run_id", "epoch", "name"])
             ).mappings().all()
         return [dict(r) for r in rows]
 
     def split_metrics(self, run_id: str) -> dict[str, dict[str, float]]:
         with self._store.engine.connect() as conn:
-            rows = conn.execute(sa.select(SplitMetric.split, SplitMetric.name, SplitMetric.value).where(SplitMetric.run_id == run_id)).all()
+            rows = conn.execute(
+                sa.select(*schema.split_metrics.c["split", "name", "value"]).where(schema.split_metrics.c.run_id == run_id)
+            ).all()
         out: dict[str, dict[str, float]] = {}
         for split, name, value in rows:
             out.setdefault(split, {})[name] = value
@@ -216,13 +219,14 @@ class RunQueries:
     def checkpoints(self, run_id: str) -> dict[str, dict[str, Any]]:
         """kind → the checkpoint's row; its ``path`` is a :class:`~pathlib.Path` (:meth:`Store.artifact_path`)."""
         with self._store.engine.connect() as conn:
-            rows = conn.execute(sa.select(Checkpoint).where(Checkpoint.run_id == run_id)).mappings().all()
+            rows = conn.execute(sa.select(schema.checkpoints).where(schema.checkpoints.c.run_id == run_id)).mappings().all()
         return {r["kind"]: {**r, "path": self._store.artifact_path(r["path"])} for r in rows}
 
     def tags(self, run_ids: Sequence[str]) -> dict[str, list[str]]:
         """Each given run's tags, sorted (runs without tags are left out)."""
         with self._store.engine.connect() as conn:
-            rows = conn.execute(sa.select(Tag.run_id, Tag.tag).where(Tag.run_id.in_(list(run_ids))).order_by(Tag.run_id, Tag.tag)).all()
+            columns = schema.tags.c["run_id", "tag"]
+            rows = conn.execute(sa.select(*columns).where(schema.tags.c.run_id.in_(list(run_ids))).order_by(*columns)).all()
         out: dict[str, list[str]] = {}
         for run_id, tag in rows:
             out.setdefault(run_id, []).append(tag)
@@ -230,7 +234,8 @@ class RunQueries:
 
     def evaluations(self, run_id: str) -> list[dict[str, Any]]:
         with self._store.engine.connect() as conn:
-            rows = conn.execute(sa.select(Evaluation).where(Evaluation.run_id == run_id).order_by(Evaluation.id)).mappings().all()
+            query = sa.select(schema.evaluations).where(schema.evaluations.c.run_id == run_id).order_by(schema.evaluations.c.id)
+            rows = conn.execute(query).mappings().all()
         return [dict(r) for r in rows]
 
     # ---- sets of runs ---------------------------------------------------------------------------
@@ -238,12 +243,13 @@ class RunQueries:
         """The newest completed run whose resolved spec has this hash."""
         with self._store.engine.connect() as conn:
             return conn.execute(
-                sa.select(Run.id).where(Run.spec_hash == spec_hash, Run.status == "completed").order_by(Run.started_at.desc()).limit(1)
+                sa.select(schema.runs.c.id).where(schema.runs.c.spec_hash == spec_hash, schema.runs.c.status == "completed")
+                .order_by(schema.runs.c.started_at.desc()).limit(1)
             ).scalar()
 
     def count_runs(self, run_filter: RunFilter | None = None) -> int:
         """How many runs the store holds (that ``run_filter`` covers, when given)."""
-        query = sa.select(sa.func.count()).select_from(Run)
+        query = sa.select(sa.func.count()).select_from(schema.runs)
         if run_filter is not None:
             query = query.where(*run_conditions(run_filter, utcnow(), self._dialect))
         with self._store.engine.connect() as conn:
@@ -251,9 +257,9 @@ class RunQueries:
 
     def completed_runs(self, ended_before: datetime | None = None) -> list[str]:
         """Ids of completed runs, oldest first; with ``ended_before``, only those that ended earlier."""
-        query = sa.select(Run.id).where(Run.status == "completed").order_by(Run.ended_at, Run.id)
+        query = sa.select(schema.runs.c.id).where(schema.runs.c.status == "completed").order_by(schema.runs.c.ended_at, schema.runs.c.id)
         if ended_before is not None:
-            query = query.where(Run.ended_at < ended_before)
+            query = query.where(schema.runs.c.ended_at < ended_before)
         with self._store.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
@@ -262,21 +268,22 @@ class RunQueries:
         now = utcnow()
         conditions = run_conditions(run_filter, now, self._dialect)
         if limit:  # the page's runs first, so only they are joined with their test metrics (100,000 runs: 3x faster)
-            conditions = [Run.id.in_(sa.select(Run.id).where(*conditions).order_by(Run.started_at.desc()).limit(limit))]
+            page = sa.select(schema.runs.c.id).where(*conditions).order_by(schema.runs.c.started_at.desc()).limit(limit)
+            conditions = [schema.runs.c.id.in_(page)]
         test_acc = (
-            sa.select(SplitMetric.run_id, SplitMetric.value.label("test_accuracy"))
-            .where(SplitMetric.split == "test", SplitMetric.name == "accuracy")
+            sa.select(schema.split_metrics.c.run_id, schema.split_metrics.c.value.label("test_accuracy"))
+            .where(schema.split_metrics.c.split == "test", schema.split_metrics.c.name == "accuracy")
             .subquery()
         )
         query = (
             sa.select(
-                Run.id, Run.name, status_now(now).label("status"), Run.seed, Run.model, Run.strategy, Run.epochs_run,
-                Run.best_val_accuracy, test_acc.c.test_accuracy, Run.duration_s, Run.started_at, Run.heartbeat_at,
-                Run.sweep_id, Run.attempts,
+                *schema.runs.c["id", "name"], status_now(now).label("status"),
+                *schema.runs.c["seed", "model", "strategy", "epochs_run", "best_val_accuracy"], test_acc.c.test_accuracy,
+                *schema.runs.c["duration_s", "started_at", "heartbeat_at", "sweep_id", "attempts"],
             )
-            .outerjoin(test_acc, test_acc.c.run_id == Run.id)
+            .outerjoin(test_acc, test_acc.c.run_id == schema.runs.c.id)
             .where(*conditions)
-            .order_by(Run.started_at.desc())
+            .order_by(schema.runs.c.started_at.desc())
         )
         with self._store.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings().all()]
@@ -286,11 +293,12 @@ class RunQueries:
         """DataFrame, one row per run: the report's run columns plus one column per resolved-spec key."""
         now = utcnow()
         query = sa.select(
-            Run.id, Run.name, status_now(now).label("status"), Run.model, Run.weights_source, Run.strategy, Run.seed, Run.epochs_run,
-            Run.stop_reason, Run.best_val_accuracy, Run.best_epoch, Run.duration_s, Run.started_at,
+            *schema.runs.c["id", "name"], status_now(now).label("status"),
+            *schema.runs.c["model", "weights_source", "strategy", "seed", "epochs_run", "stop_reason", "best_val_accuracy", "best_epoch",
+                           "duration_s", "started_at"],
             # quoted: a spec key may be an SQL keyword ("nothing")
-            *(json_value(Run.spec_json, key, self._dialect).label(quoted_name(key, True)) for key in spec_keys),
-        ).where(*run_conditions(run_filter, now, self._dialect)).order_by(Run.started_at.desc(), Run.id)
+            *(json_value(schema.runs.c.spec_json, key, self._dialect).label(quoted_name(key, True)) for key in spec_keys),
+        ).where(*run_conditions(run_filter, now, self._dialect)).order_by(schema.runs.c.started_at.desc(), schema.runs.c.id)
         frame = self._frame(query)
         for key in spec_keys:  # PostgreSQL's containers come back decoded; every database gives them as text
             frame[key] = frame[key].map(container_text)
@@ -299,29 +307,30 @@ class RunQueries:
     def report_split_metrics(self, run_filter: RunFilter, split: str = "test") -> Any:
         """DataFrame (run_id, name, value) of one split's metrics for the filtered runs (long form)."""
         query = (
-            sa.select(SplitMetric.run_id, SplitMetric.name, SplitMetric.value)
-            .join(Run, Run.id == SplitMetric.run_id)
-            .where(SplitMetric.split == split, *run_conditions(run_filter, utcnow(), self._dialect))
+            sa.select(schema.split_metrics.c.run_id, schema.split_metrics.c.name, schema.split_metrics.c.value)
+            .join(schema.runs, schema.runs.c.id == schema.split_metrics.c.run_id)
+            .where(schema.split_metrics.c.split == split, *run_conditions(run_filter, utcnow(), self._dialect))
         )
         return self._frame(query)
 
     def epoch_metrics_frame(self, run_ids: Sequence[str]) -> Any:
         """DataFrame (run_id, epoch, name, value) of the given runs' per-epoch metrics (long form)."""
         query = (
-            sa.select(EpochMetric.run_id, EpochMetric.epoch, EpochMetric.name, EpochMetric.value)
-            .where(EpochMetric.run_id.in_(list(run_ids)))
-            .order_by(EpochMetric.run_id, EpochMetric.epoch)
+            sa.select(*schema.epoch_metrics.c["run_id", "epoch", "name", "value"])
+            .where(schema.epoch_metrics.c.run_id.in_(list(run_ids)))
+            .order_by(*schema.epoch_metrics.c["run_id", "epoch"])
         )
         return self._frame(query)
 
     def run_documents(self, run_ids: Sequence[str]) -> Any:
         """DataFrame of the given runs' stored JSON documents: spec, class names, test confusion matrix."""
-        query = sa.select(Run.id, Run.name, Run.spec_json, Run.class_names_json, Run.confusion_json).where(Run.id.in_(list(run_ids)))
+        query = (sa.select(*schema.runs.c["id", "name", "spec_json", "class_names_json", "confusion_json"])
+                 .where(schema.runs.c.id.in_(list(run_ids))))
         return self._frame(query)
 
     def spec_key_exists(self, key: str) -> bool:
         """Whether any run's resolved spec has ``key`` (a dotted path)."""
-        query = sa.select(Run.id).where(json_type(Run.spec_json, key, self._dialect).is_not(None)).limit(1)
+        query = sa.select(schema.runs.c.id).where(json_type(schema.runs.c.spec_json, key, self._dialect).is_not(None)).limit(1)
         with self._store.engine.connect() as conn:
             return conn.execute(query).first() is not None
 

@@ -23,12 +23,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from runner.errors import RunnerError, StoreError
+from runner.store import schema
 from runner.store.queries import json_value
 from runner.store.runs import check_owner, forget_after
-from runner.store.schema import Checkpoint, Epoch, EpochMetric, Run, SplitMetric, Sweep
 from runner.store.status import deadline, live_status, status_now, utcnow
 
 if TYPE_CHECKING:
@@ -88,32 +87,33 @@ _ENDED = {"ended_at": None, "duration_s": None, "error": None, "traceback": None
 
 def _attempts_left() -> Any:
     """SQL condition over ``runs``: the run's sweep allows it another start."""
-    limit = sa.select(Sweep.max_attempts).where(Sweep.id == Run.sweep_id).scalar_subquery()
-    return Run.attempts < limit
+    limit = sa.select(schema.sweeps.c.max_attempts).where(schema.sweeps.c.id == schema.runs.c.sweep_id).scalar_subquery()
+    return schema.runs.c.attempts < limit
 
 
 def _in_sweep(sweep_id: str | None) -> Any:
-    return Run.sweep_id == sweep_id if sweep_id is not None else Run.sweep_id.is_not(None)
+    return schema.runs.c.sweep_id == sweep_id if sweep_id is not None else schema.runs.c.sweep_id.is_not(None)
 
 
-def requeue_lost(session: Session, now: datetime, sweep_id: str | None = None) -> list[str]:
+def requeue_lost(conn: sa.Connection, now: datetime, sweep_id: str | None = None) -> list[str]:
     """Inside a write transaction: sweep runs whose worker stopped beating become ``queued`` again,
     while they have attempts left. They keep their rows and checkpoints: the next start resumes them.
     The owner is cleared, so a worker that was only paused finds its run taken when it wakes."""
-    lost = list(session.execute(
-        sa.select(Run.id).where(_in_sweep(sweep_id), status_now(now) == "lost", _attempts_left()).with_for_update(skip_locked=True)
+    lost = list(conn.execute(
+        sa.select(schema.runs.c.id).where(_in_sweep(sweep_id), status_now(now) == "lost", _attempts_left())
+        .with_for_update(skip_locked=True)
     ).scalars())
     if lost:
-        session.execute(sa.update(Run).where(Run.id.in_(lost)).values(status="queued", owner=None, lost_after=None))
+        conn.execute(sa.update(schema.runs).where(schema.runs.c.id.in_(lost)).values(status="queued", owner=None, lost_after=None))
     return lost
 
 
-def _start_over(session: Session, run_ids: list[str]) -> None:
+def _start_over(conn: sa.Connection, run_ids: list[str]) -> None:
     """Inside a write transaction: the runs keep nothing of their earlier attempt (a failed run is trained again)."""
-    forgotten = [EpochMetric, Epoch, SplitMetric, Checkpoint]
+    forgotten = [schema.epoch_metrics, schema.epochs, schema.split_metrics, schema.checkpoints]
     for table in forgotten:
-        session.execute(sa.delete(table).where(table.run_id.in_(run_ids)))
-    session.execute(sa.update(Run).where(Run.id.in_(run_ids)).values(epochs_run=0, best_epoch=None, best_val_accuracy=None))
+        conn.execute(sa.delete(table).where(table.c.run_id.in_(run_ids)))
+    conn.execute(sa.update(schema.runs).where(schema.runs.c.id.in_(run_ids)).values(epochs_run=0, best_epoch=None, best_val_accuracy=None))
 
 
 class RunQueue:
@@ -127,19 +127,18 @@ class RunQueue:
         """The sweep's id and whether it is new: the sweep of this name and hash if one is stored
         (with ``max_attempts`` updated), else a new sweep with every run ``queued``, in one
         transaction (nothing half queued)."""
-        def write(session: Session) -> tuple[str, bool]:
-            found = session.execute(
-                sa.select(Sweep.id).where(Sweep.name == sweep.name, Sweep.spec_hash == sweep.spec_hash)
+        def write(conn: sa.Connection) -> tuple[str, bool]:
+            found = conn.execute(
+                sa.select(schema.sweeps.c.id).where(schema.sweeps.c.name == sweep.name, schema.sweeps.c.spec_hash == sweep.spec_hash)
             ).scalar()
             if found is not None:  # the same sweep again; its attempt limit is the one asked for now
-                session.execute(sa.update(Sweep).where(Sweep.id == found).values(max_attempts=sweep.max_attempts))
+                conn.execute(sa.update(schema.sweeps).where(schema.sweeps.c.id == found).values(max_attempts=sweep.max_attempts))
                 return found, False
             now = utcnow()
             sweep_id = uuid.uuid4().hex[:12]
-            session.add(Sweep(id=sweep_id, name=sweep.name, spec_hash=sweep.spec_hash, spec_json=sweep.spec_json,
-                              spec_dir=sweep.spec_dir, keys_json=json.dumps(list(sweep.keys)), max_attempts=sweep.max_attempts,
-                              created_at=now))
-            session.flush()  # the sweep before the runs that refer to it
+            conn.execute(sa.insert(schema.sweeps).values(  # the sweep before the runs that refer to it
+                id=sweep_id, name=sweep.name, spec_hash=sweep.spec_hash, spec_json=sweep.spec_json, spec_dir=sweep.spec_dir,
+                keys_json=json.dumps(list(sweep.keys)), max_attempts=sweep.max_attempts, created_at=now))
             rows = []
             for run in runs:
                 run_id = self._store.new_run_id()
@@ -151,7 +150,7 @@ class RunQueue:
                     "artifacts_dir": self._store.stored_path(self._store.run_dir(run_id)),
                 })
             if rows:
-                session.execute(sa.insert(Run), rows)
+                conn.execute(sa.insert(schema.runs), rows)
             return sweep_id, True
 
         return self._store.write(write, exclusive=True)
@@ -165,17 +164,18 @@ class RunQueue:
         """
         now = utcnow()
 
-        def write(session: Session) -> dict[str, list[str]]:
+        def write(conn: sa.Connection) -> dict[str, list[str]]:
             def ids(*conditions: Any) -> list[str]:
-                return list(session.execute(sa.select(Run.id).where(Run.sweep_id == sweep_id, *conditions)).scalars())
+                return list(conn.execute(sa.select(schema.runs.c.id).where(schema.runs.c.sweep_id == sweep_id, *conditions)).scalars())
 
-            interrupted = ids(Run.status == "interrupted")
-            failed = ids(Run.status == "failed", _attempts_left())
-            lost = requeue_lost(session, now, sweep_id)
+            interrupted = ids(schema.runs.c.status == "interrupted")
+            failed = ids(schema.runs.c.status == "failed", _attempts_left())
+            lost = requeue_lost(conn, now, sweep_id)
             if failed:
-                _start_over(session, failed)
+                _start_over(conn, failed)
             if interrupted or failed:
-                session.execute(sa.update(Run).where(Run.id.in_(interrupted + failed)).values(status="queued", owner=None, **_ENDED))
+                conn.execute(sa.update(schema.runs).where(schema.runs.c.id.in_(interrupted + failed))
+                             .values(status="queued", owner=None, **_ENDED))
             return {"interrupted": interrupted, "failed": failed, "lost": lost}
 
         return self._store.write(write, exclusive=True)
@@ -186,13 +186,15 @@ class RunQueue:
         resumes them from their checkpoints. The ids requeued."""
         prefix = f"{host or socket.gethostname()}:{pid}:"
 
-        def write(session: Session) -> list[str]:
-            stopped = list(session.execute(
-                sa.select(Run.id).where(Run.sweep_id == sweep_id, Run.status == "interrupted", Run.owner.startswith(prefix, autoescape=True))
+        def write(conn: sa.Connection) -> list[str]:
+            stopped = list(conn.execute(
+                sa.select(schema.runs.c.id)
+                .where(schema.runs.c.sweep_id == sweep_id, schema.runs.c.status == "interrupted",
+                       schema.runs.c.owner.startswith(prefix, autoescape=True))
                 .with_for_update()
             ).scalars())
             if stopped:
-                session.execute(sa.update(Run).where(Run.id.in_(stopped)).values(status="queued", owner=None, **_ENDED))
+                conn.execute(sa.update(schema.runs).where(schema.runs.c.id.in_(stopped)).values(status="queued", owner=None, **_ENDED))
             return stopped
 
         return self._store.write(write, exclusive=True)
@@ -203,23 +205,23 @@ class RunQueue:
         One transaction: lost runs are requeued first, then the next queued run in sweep order
         becomes ``running``, owned by ``owner``, with a heartbeat deadline and one more attempt.
         """
-        def write(session: Session) -> Claim | None:
+        def write(conn: sa.Connection) -> Claim | None:
             now = utcnow()
-            requeue_lost(session, now, sweep_id)
-            has_last_checkpoint = sa.exists().where(Checkpoint.run_id == Run.id, Checkpoint.kind == "last")
-            candidate = session.execute(
-                sa.select(Run.id, Run.sweep_id, Run.attempts, Sweep.spec_dir, has_last_checkpoint.label("resume"))
-                .join(Sweep, Sweep.id == Run.sweep_id)
-                .where(Run.status == "queued", _in_sweep(sweep_id))
-                .order_by(Sweep.created_at, Sweep.id, Run.sweep_index)
+            requeue_lost(conn, now, sweep_id)
+            has_last_checkpoint = sa.exists().where(schema.checkpoints.c.run_id == schema.runs.c.id, schema.checkpoints.c.kind == "last")
+            candidate = conn.execute(
+                sa.select(*schema.runs.c["id", "sweep_id", "attempts"], schema.sweeps.c.spec_dir, has_last_checkpoint.label("resume"))
+                .join(schema.sweeps, schema.sweeps.c.id == schema.runs.c.sweep_id)
+                .where(schema.runs.c.status == "queued", _in_sweep(sweep_id))
+                .order_by(schema.sweeps.c.created_at, schema.sweeps.c.id, schema.runs.c.sweep_index)
                 .limit(1)
-                .with_for_update(skip_locked=True, of=Run)
+                .with_for_update(skip_locked=True, of=schema.runs)
             ).first()
             if candidate is None:
                 return None
-            claimed = session.execute(
-                sa.update(Run).where(Run.id == candidate.id, Run.status == "queued")
-                .values(status="running", owner=owner, attempts=Run.attempts + 1, started_at=now, heartbeat_at=now,
+            claimed = conn.execute(
+                sa.update(schema.runs).where(schema.runs.c.id == candidate.id, schema.runs.c.status == "queued")
+                .values(status="running", owner=owner, attempts=schema.runs.c.attempts + 1, started_at=now, heartbeat_at=now,
                         lost_after=deadline(now, heartbeat_s), **_ENDED)
             )
             if claimed.rowcount != 1:  # the lock above makes this impossible; never run a run twice
@@ -235,11 +237,11 @@ class RunQueue:
         """
         now = utcnow()
 
-        def write(session: Session) -> None:
-            check_owner(session, run_id, owner)
-            session.execute(sa.update(Run).where(Run.id == run_id).values(
+        def write(conn: sa.Connection) -> None:
+            check_owner(conn, run_id, owner)
+            conn.execute(sa.update(schema.runs).where(schema.runs.c.id == run_id).values(
                 epochs_run=epoch, heartbeat_at=now, lost_after=deadline(now, heartbeat_s), **columns))
-            forget_after(session, run_id, epoch)
+            forget_after(conn, run_id, epoch)
 
         self._store.write(write)
 
@@ -247,10 +249,13 @@ class RunQueue:
     def sweep_row(self, ref: str) -> dict[str, Any]:
         """A sweep by id, unique id prefix or name (the newest sweep of that name)."""
         with self._store.engine.connect() as conn:
-            by_name = conn.execute(sa.select(Sweep).where(Sweep.name == ref).order_by(Sweep.created_at.desc()).limit(1)).mappings().first()
+            newest_of_name = (sa.select(schema.sweeps).where(schema.sweeps.c.name == ref)
+                              .order_by(schema.sweeps.c.created_at.desc()).limit(1))
+            by_name = conn.execute(newest_of_name).mappings().first()
             if by_name is not None:
                 return dict(by_name)
-            found = conn.execute(sa.select(Sweep).where(Sweep.id.startswith(ref, autoescape=True)).limit(2)).mappings().all()
+            by_prefix = sa.select(schema.sweeps).where(schema.sweeps.c.id.startswith(ref, autoescape=True)).limit(2)
+            found = conn.execute(by_prefix).mappings().all()
         if len(found) == 1:
             return dict(found[0])
         if not found:
@@ -259,7 +264,7 @@ class RunQueue:
 
     def latest_sweep(self) -> dict[str, Any]:
         with self._store.engine.connect() as conn:
-            row = conn.execute(sa.select(Sweep).order_by(Sweep.created_at.desc()).limit(1)).mappings().first()
+            row = conn.execute(sa.select(schema.sweeps).order_by(schema.sweeps.c.created_at.desc()).limit(1)).mappings().first()
         if row is None:
             raise SweepNotFoundError(f"no sweep in {self._store.location}")
         return dict(row)
@@ -268,10 +273,10 @@ class RunQueue:
         """Every sweep, newest first, with the count of its runs per (live) status."""
         status = status_now(utcnow())
         with self._store.engine.connect() as conn:
-            sweeps = [dict(r) for r in conn.execute(sa.select(Sweep).order_by(Sweep.created_at.desc())).mappings()]
+            sweeps = [dict(r) for r in conn.execute(sa.select(schema.sweeps).order_by(schema.sweeps.c.created_at.desc())).mappings()]
             counts = conn.execute(  # grouped by the expression: on PostgreSQL a bare "status" would mean the column
-                sa.select(Run.sweep_id, status.label("status"), sa.func.count())
-                .where(Run.sweep_id.is_not(None)).group_by(Run.sweep_id, status)
+                sa.select(schema.runs.c.sweep_id, status.label("status"), sa.func.count())
+                .where(schema.runs.c.sweep_id.is_not(None)).group_by(schema.runs.c.sweep_id, status)
             ).all()
         by_sweep: dict[str, dict[str, int]] = {}
         for sweep_id, status, count in counts:
@@ -283,14 +288,16 @@ class RunQueue:
         run of the epochs planned, the error of a failed run and its test accuracy."""
         now = utcnow()
         test_accuracy = (
-            sa.select(SplitMetric.value).where(SplitMetric.run_id == Run.id, SplitMetric.split == "test", SplitMetric.name == "accuracy")
+            sa.select(schema.split_metrics.c.value)
+            .where(schema.split_metrics.c.run_id == schema.runs.c.id, schema.split_metrics.c.split == "test",
+                   schema.split_metrics.c.name == "accuracy")
             .scalar_subquery()
         )
         query = (
-            sa.select(Run.id, Run.sweep_index, Run.status, Run.lost_after, Run.seed, Run.combination_json, Run.attempts,
-                      Run.epochs_run, json_value(Run.spec_json, "training.epochs", self._store.engine.dialect.name).label("epochs"), Run.error,
-                      test_accuracy.label("test_accuracy"), Run.started_at, Run.ended_at)
-            .where(Run.sweep_id == sweep_id).order_by(Run.sweep_index)
+            sa.select(*schema.runs.c["id", "sweep_index", "status", "lost_after", "seed", "combination_json", "attempts", "epochs_run"],
+                      json_value(schema.runs.c.spec_json, "training.epochs", self._store.engine.dialect.name).label("epochs"),
+                      schema.runs.c.error, test_accuracy.label("test_accuracy"), *schema.runs.c["started_at", "ended_at"])
+            .where(schema.runs.c.sweep_id == sweep_id).order_by(schema.runs.c.sweep_index)
         )
         with self._store.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]

@@ -18,10 +18,9 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from runner.errors import RunNotFoundError, RunTakenOver, StoreError
-from runner.store.schema import Checkpoint, Epoch, EpochMetric, Evaluation, Run, SplitMetric
+from runner.store import schema
 from runner.store.status import RESUMABLE, STATUSES, deadline, status_now, utcnow
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def check_owner(session: Session, run_id: str, owner: str | None) -> None:
+def check_owner(conn: sa.Connection, run_id: str, owner: str | None) -> None:
     """Inside a write transaction: ``owner`` (when given) must still be the run's owner.
 
     The row is locked for the rest of the transaction where the database can (``FOR UPDATE``), so
@@ -47,21 +46,21 @@ def check_owner(session: Session, run_id: str, owner: str | None) -> None:
     """
     if owner is None:
         return
-    current = session.execute(sa.select(Run.owner).where(Run.id == run_id).with_for_update()).one_or_none()
+    current = conn.execute(sa.select(schema.runs.c.owner).where(schema.runs.c.id == run_id).with_for_update()).one_or_none()
     if current is None:  # deleted (a lost run whose process was only paused): its files must not come back either
         raise RunTakenOver(run_id, None, deleted=True)
     if current[0] != owner:
         raise RunTakenOver(run_id, current[0])
 
 
-def forget_after(session: Session, run_id: str, epoch: int) -> None:
+def forget_after(conn: sa.Connection, run_id: str, epoch: int) -> None:
     """Inside a write transaction: delete what a run stored after ``epoch`` (the checkpoint training goes on from).
 
     Per-epoch rows of later epochs and the end-of-run test metrics go; with ``epoch`` 0 the run starts over.
     """
-    session.execute(sa.delete(EpochMetric).where(EpochMetric.run_id == run_id, EpochMetric.epoch > epoch))
-    session.execute(sa.delete(Epoch).where(Epoch.run_id == run_id, Epoch.epoch > epoch))
-    session.execute(sa.delete(SplitMetric).where(SplitMetric.run_id == run_id))
+    conn.execute(sa.delete(schema.epoch_metrics).where(schema.epoch_metrics.c.run_id == run_id, schema.epoch_metrics.c.epoch > epoch))
+    conn.execute(sa.delete(schema.epochs).where(schema.epochs.c.run_id == run_id, schema.epochs.c.epoch > epoch))
+    conn.execute(sa.delete(schema.split_metrics).where(schema.split_metrics.c.run_id == run_id))
 
 
 class RunWriter:
@@ -79,19 +78,19 @@ class RunWriter:
         values = {"status": "running", "started_at": now, "heartbeat_at": now, "epochs_run": 0, "attempts": 1,
                   "lost_after": deadline(now, heartbeat_s) if heartbeat_s else None, "owner": owner,
                   "artifacts_dir": self._store.stored_path(self._store.run_dir(run_id)), **fields}
-        self._store.write(lambda s: s.add(Run(id=run_id, **values)))
+        self._store.write(lambda conn: conn.execute(sa.insert(schema.runs).values(id=run_id, **values)))
         return run_id
 
     def update(self, run_id: str, owner: str | None = None, **fields: Any) -> None:
-        def write(session: Session) -> None:
-            check_owner(session, run_id, owner)
-            session.execute(sa.update(Run).where(Run.id == run_id).values(**fields))
+        def write(conn: sa.Connection) -> None:
+            check_owner(conn, run_id, owner)
+            conn.execute(sa.update(schema.runs).where(schema.runs.c.id == run_id).values(**fields))
 
         self._store.write(write)
 
     def check_owner(self, run_id: str, owner: str) -> None:
         """Raise :class:`RunTakenOver` unless ``owner`` still owns the run (before a checkpoint file replaces the last one)."""
-        self._store.write(lambda session: check_owner(session, run_id, owner))
+        self._store.write(lambda conn: check_owner(conn, run_id, owner))
 
     def heartbeat(self, run_id: str, heartbeat_s: float | None = None, owner: str | None = None) -> None:
         """The run is alive; with ``heartbeat_s`` its lost deadline moves on by that many intervals."""
@@ -109,17 +108,17 @@ class RunWriter:
         """
         now = utcnow()
 
-        def write(session: Session) -> None:
-            claimed = session.execute(
-                sa.update(Run)
-                .where(Run.id == run_id, status_now(now).in_(RESUMABLE))
+        def write(conn: sa.Connection) -> None:
+            claimed = conn.execute(
+                sa.update(schema.runs)
+                .where(schema.runs.c.id == run_id, status_now(now).in_(RESUMABLE))
                 .values(status="running", ended_at=None, duration_s=None, error=None, traceback=None, stop_reason=None,
                         confusion_json=None, heartbeat_at=now, lost_after=deadline(now, heartbeat_s), epochs_run=epoch,
-                        owner=owner, attempts=Run.attempts + 1, **run_fields)
+                        owner=owner, attempts=schema.runs.c.attempts + 1, **run_fields)
             )
             if claimed.rowcount != 1:
                 raise StoreError(f"run {run_id} cannot be resumed: it is no longer {' or '.join(RESUMABLE)}")
-            forget_after(session, run_id, epoch)
+            forget_after(conn, run_id, epoch)
 
         self._store.write(write)
 
@@ -128,23 +127,24 @@ class RunWriter:
         """One transaction per epoch: the metrics, the timing and the run's progress columns."""
         now = utcnow()
 
-        def write(session: Session) -> None:
-            check_owner(session, run_id, owner)
-            session.execute(
-                sa.insert(EpochMetric),
+        def write(conn: sa.Connection) -> None:
+            check_owner(conn, run_id, owner)
+            conn.execute(
+                sa.insert(schema.epoch_metrics),
                 [{"run_id": run_id, "epoch": epoch, "name": k, "value": stored_number(v)} for k, v in metrics.items()],
             )
-            session.add(Epoch(run_id=run_id, epoch=epoch, duration_s=duration_s, finished_at=now))
-            session.execute(sa.update(Run).where(Run.id == run_id).values(epochs_run=epoch, heartbeat_at=now, **run_fields))
+            conn.execute(sa.insert(schema.epochs).values(run_id=run_id, epoch=epoch, duration_s=duration_s, finished_at=now))
+            conn.execute(sa.update(schema.runs).where(schema.runs.c.id == run_id).values(epochs_run=epoch, heartbeat_at=now, **run_fields))
 
         self._store.write(write)
 
     def save_split_metrics(self, run_id: str, split: str, metrics: dict[str, float], owner: str | None = None) -> None:
-        def write(session: Session) -> None:
-            check_owner(session, run_id, owner)
-            session.execute(sa.delete(SplitMetric).where(SplitMetric.run_id == run_id, SplitMetric.split == split))
-            session.execute(
-                sa.insert(SplitMetric),
+        def write(conn: sa.Connection) -> None:
+            check_owner(conn, run_id, owner)
+            conn.execute(sa.delete(schema.split_metrics)
+                         .where(schema.split_metrics.c.run_id == run_id, schema.split_metrics.c.split == split))
+            conn.execute(
+                sa.insert(schema.split_metrics),
                 [{"run_id": run_id, "split": split, "name": k, "value": stored_number(v)} for k, v in metrics.items()],
             )
 
@@ -154,9 +154,12 @@ class RunWriter:
                         owner: str | None = None) -> None:
         stored = self._store.stored_path(path)
 
-        def write(session: Session) -> None:
-            check_owner(session, run_id, owner)
-            session.merge(Checkpoint(run_id=run_id, kind=kind, epoch=epoch, path=stored, sha256=sha256, size_bytes=size_bytes))
+        def write(conn: sa.Connection) -> None:
+            check_owner(conn, run_id, owner)
+            # replaces the run's checkpoint of this kind: the same two statements on every database
+            conn.execute(sa.delete(schema.checkpoints).where(schema.checkpoints.c.run_id == run_id, schema.checkpoints.c.kind == kind))
+            conn.execute(sa.insert(schema.checkpoints).values(run_id=run_id, kind=kind, epoch=epoch, path=stored, sha256=sha256,
+                                                             size_bytes=size_bytes))
 
         self._store.write(write)
 
@@ -165,16 +168,14 @@ class RunWriter:
         assert status in STATUSES, status
         ended = utcnow()
 
-        def write(session: Session) -> None:
-            check_owner(session, run_id, owner)
-            run = session.get(Run, run_id)
-            if run is None:
+        def write(conn: sa.Connection) -> None:
+            check_owner(conn, run_id, owner)
+            started = conn.execute(sa.select(schema.runs.c.started_at).where(schema.runs.c.id == run_id)).scalar()
+            if started is None:
                 raise RunNotFoundError(f"no run {run_id!r}")
-            run.status = status
-            run.ended_at = ended
-            run.duration_s = (ended - run.started_at).total_seconds()
-            for key, value in fields.items():
-                setattr(run, key, value)
+            duration_s = (ended - started).total_seconds()
+            conn.execute(sa.update(schema.runs).where(schema.runs.c.id == run_id)
+                         .values({"status": status, "ended_at": ended, "duration_s": duration_s, **fields}))
 
         self._store.write(write)
 
@@ -182,11 +183,9 @@ class RunWriter:
         """A ``runner eval`` result of the run; its id."""
         fields["loss"] = stored_number(fields.get("loss"))
 
-        def write(session: Session) -> int:
-            evaluation = Evaluation(run_id=run_id, created_at=utcnow(), **fields)
-            session.add(evaluation)
-            session.flush()
-            return int(evaluation.id)
+        def write(conn: sa.Connection) -> int:
+            inserted = conn.execute(sa.insert(schema.evaluations).values(run_id=run_id, created_at=utcnow(), **fields))
+            return int(inserted.inserted_primary_key[0])
 
         return self._store.write(write)
 

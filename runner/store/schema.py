@@ -1,167 +1,174 @@
 """The tables of the current schema: what a new store is created from, and what the queries use.
 
+SQLAlchemy Core tables, no ORM: importing ``sqlalchemy.orm`` and building mapped classes would cost
+every command a sixth of a second at start-up (``runner runs``), for nothing the store needs.
+A column is NOT NULL unless it says ``nullable=True``.
+
 A change here needs a migration in :mod:`runner.store.migrations` that brings an older store to the
 same tables (tests/test_migrations.py compares the two, column by column and index by index).
-Migrations never import these models: they describe the tables as they were.
+Migrations never import these tables: they describe the tables as they were.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-class Base(DeclarativeBase):
-    pass
-
+metadata = sa.MetaData()
 
 # 64-bit integers (a seed up to 2**63-1, a checkpoint over 2 GiB, a parameter count): BIGINT on a
 # server, where INTEGER has 32 bits; SQLite's INTEGER already holds 64
 BigInteger = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-class Meta(Base):
-    __tablename__ = "meta"
-    key: Mapped[str] = mapped_column(sa.String, primary_key=True)
-    value: Mapped[str] = mapped_column(sa.String)
+def _column(name: str, *args: Any, nullable: bool = False, **kwargs: Any) -> sa.Column[Any]:
+    """A column, NOT NULL unless ``nullable`` (SQLAlchemy's own default is the opposite)."""
+    return sa.Column(name, *args, nullable=nullable, **kwargs)
 
 
-class Sweep(Base):
-    """Many runs from one spec (``runner run SPEC --sweep …``, ``seeds:``): its runs are queued rows of ``runs``.
-
-    A sweep is found again by its name and hash (the hash of its expanded runs), so running the same
-    sweep command twice continues the first sweep instead of starting another.
-    """
-
-    __tablename__ = "sweeps"
-    __table_args__ = (sa.UniqueConstraint("name", "spec_hash", name="uq_sweeps_name_spec_hash"),)
-    id: Mapped[str] = mapped_column(sa.String, primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String, index=True)
-    spec_hash: Mapped[str] = mapped_column(sa.String)
-    spec_json: Mapped[str] = mapped_column(sa.Text)  # the sweep as given: base spec, sweep section, seeds
-    spec_dir: Mapped[str] = mapped_column(sa.String)  # where the spec's relative paths point
-    keys_json: Mapped[str] = mapped_column(sa.Text)  # the swept spec keys, in order (the report's default --group-by)
-    max_attempts: Mapped[int] = mapped_column(sa.Integer)  # a failed or lost run is started at most this often
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime)
+def _run_id() -> sa.Column[Any]:
+    """The column of a table holding rows of one run: part of its primary key, deleted with the run."""
+    return _column("run_id", sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
 
 
-class Run(Base):
-    __tablename__ = "runs"
-    id: Mapped[str] = mapped_column(sa.String, primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String, index=True)
-    status: Mapped[str] = mapped_column(sa.String, index=True)
-    spec_yaml: Mapped[str] = mapped_column(sa.Text)
-    spec_json: Mapped[str] = mapped_column(sa.Text)
-    spec_hash: Mapped[str] = mapped_column(sa.String, index=True)
-    model: Mapped[str] = mapped_column(sa.String)
-    strategy: Mapped[str] = mapped_column(sa.String)
-    dataset: Mapped[str] = mapped_column(sa.String)
-    seed: Mapped[int] = mapped_column(BigInteger)
-    device: Mapped[str | None] = mapped_column(sa.String)
-    host: Mapped[str | None] = mapped_column(sa.String)
-    python_version: Mapped[str | None] = mapped_column(sa.String)
-    torch_version: Mapped[str | None] = mapped_column(sa.String)
-    torchvision_version: Mapped[str | None] = mapped_column(sa.String)
-    runner_version: Mapped[str | None] = mapped_column(sa.String)
-    git_commit: Mapped[str | None] = mapped_column(sa.String)
-    params_total: Mapped[int | None] = mapped_column(BigInteger)
-    params_trainable: Mapped[int | None] = mapped_column(BigInteger)
-    model_summary: Mapped[str | None] = mapped_column(sa.Text)
-    plugins_json: Mapped[str | None] = mapped_column(sa.Text)
-    settings_json: Mapped[str | None] = mapped_column(sa.Text)
-    class_names_json: Mapped[str | None] = mapped_column(sa.Text)
-    confusion_json: Mapped[str | None] = mapped_column(sa.Text)
-    weights_source: Mapped[str | None] = mapped_column(sa.String)
-    weights_sha256: Mapped[str | None] = mapped_column(sa.String)
-    started_at: Mapped[datetime] = mapped_column(sa.DateTime)
-    ended_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
-    duration_s: Mapped[float | None] = mapped_column(sa.Float)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+meta = sa.Table(
+    "meta", metadata,
+    _column("key", sa.String, primary_key=True),
+    _column("value", sa.String),
+)
+
+# Many runs from one spec (``runner run SPEC --sweep …``, ``seeds:``): its runs are queued rows of ``runs``.
+# A sweep is found again by its name and hash (the hash of its expanded runs), so running the same
+# sweep command twice continues the first sweep instead of starting another.
+sweeps = sa.Table(
+    "sweeps", metadata,
+    _column("id", sa.String, primary_key=True),
+    _column("name", sa.String, index=True),
+    _column("spec_hash", sa.String),
+    _column("spec_json", sa.Text),  # the sweep as given: base spec, sweep section, seeds
+    _column("spec_dir", sa.String),  # where the spec's relative paths point
+    _column("keys_json", sa.Text),  # the swept spec keys, in order (the report's default --group-by)
+    _column("max_attempts", sa.Integer),  # a failed or lost run is started at most this often
+    _column("created_at", sa.DateTime),
+    sa.UniqueConstraint("name", "spec_hash", name="uq_sweeps_name_spec_hash"),
+)
+
+runs = sa.Table(
+    "runs", metadata,
+    _column("id", sa.String, primary_key=True),
+    _column("name", sa.String, index=True),
+    _column("status", sa.String, index=True),
+    _column("spec_yaml", sa.Text),
+    _column("spec_json", sa.Text),
+    _column("spec_hash", sa.String, index=True),
+    _column("model", sa.String),
+    _column("strategy", sa.String),
+    _column("dataset", sa.String),
+    _column("seed", BigInteger),
+    _column("device", sa.String, nullable=True),
+    _column("host", sa.String, nullable=True),
+    _column("python_version", sa.String, nullable=True),
+    _column("torch_version", sa.String, nullable=True),
+    _column("torchvision_version", sa.String, nullable=True),
+    _column("runner_version", sa.String, nullable=True),
+    _column("git_commit", sa.String, nullable=True),
+    _column("params_total", BigInteger, nullable=True),
+    _column("params_trainable", BigInteger, nullable=True),
+    _column("model_summary", sa.Text, nullable=True),
+    _column("plugins_json", sa.Text, nullable=True),
+    _column("settings_json", sa.Text, nullable=True),
+    _column("class_names_json", sa.Text, nullable=True),
+    _column("confusion_json", sa.Text, nullable=True),
+    _column("weights_source", sa.String, nullable=True),
+    _column("weights_sha256", sa.String, nullable=True),
+    _column("started_at", sa.DateTime),
+    _column("ended_at", sa.DateTime, nullable=True),
+    _column("duration_s", sa.Float, nullable=True),
+    _column("heartbeat_at", sa.DateTime, nullable=True),
     # a running run not heard from by then died without a word (SIGKILL, out of memory): "lost"
-    lost_after: Mapped[datetime | None] = mapped_column(sa.DateTime)
-    epochs_run: Mapped[int] = mapped_column(sa.Integer, default=0)
-    stop_reason: Mapped[str | None] = mapped_column(sa.String)
-    best_epoch: Mapped[int | None] = mapped_column(sa.Integer)
-    best_val_accuracy: Mapped[float | None] = mapped_column(sa.Float)
-    error: Mapped[str | None] = mapped_column(sa.Text)
-    traceback: Mapped[str | None] = mapped_column(sa.Text)
-    artifacts_dir: Mapped[str | None] = mapped_column(sa.String)  # as Checkpoint.path
+    _column("lost_after", sa.DateTime, nullable=True),
+    _column("epochs_run", sa.Integer, default=0),
+    _column("stop_reason", sa.String, nullable=True),
+    _column("best_epoch", sa.Integer, nullable=True),
+    _column("best_val_accuracy", sa.Float, nullable=True),
+    _column("error", sa.Text, nullable=True),
+    _column("traceback", sa.Text, nullable=True),
+    _column("artifacts_dir", sa.String, nullable=True),  # as checkpoints.path
     # the process that may write this run's rows ("host:pid:nonce"); every other process is fenced off
-    owner: Mapped[str | None] = mapped_column(sa.String)
+    _column("owner", sa.String, nullable=True),
     # a run of a sweep: its place in the sweep's expansion and the swept values it has (seed aside)
-    sweep_id: Mapped[str | None] = mapped_column(sa.ForeignKey("sweeps.id"), index=True)
-    sweep_index: Mapped[int | None] = mapped_column(sa.Integer)
-    combination_json: Mapped[str | None] = mapped_column(sa.Text)
+    _column("sweep_id", sa.ForeignKey("sweeps.id"), index=True, nullable=True),
+    _column("sweep_index", sa.Integer, nullable=True),
+    _column("combination_json", sa.Text, nullable=True),
     # how many times a process started training the run (a queued run: 0; resumed or requeued: more)
-    attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    _column("attempts", sa.Integer, server_default=sa.text("0")),
+)
 
+epoch_metrics = sa.Table(
+    "epoch_metrics", metadata,
+    _run_id(),
+    _column("epoch", sa.Integer, primary_key=True),
+    _column("name", sa.String, primary_key=True),
+    _column("value", sa.Float, nullable=True),  # NULL: not a finite number (a diverged loss)
+)
 
-class EpochMetric(Base):
-    __tablename__ = "epoch_metrics"
-    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    epoch: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String, primary_key=True)
-    value: Mapped[float | None] = mapped_column(sa.Float)  # NULL: not a finite number (a diverged loss)
+# Per-epoch bookkeeping that is not a metric (timings).
+epochs = sa.Table(
+    "epochs", metadata,
+    _run_id(),
+    _column("epoch", sa.Integer, primary_key=True),
+    _column("duration_s", sa.Float),
+    _column("finished_at", sa.DateTime),
+)
 
+# End-of-training metrics of a split (``test``).
+split_metrics = sa.Table(
+    "split_metrics", metadata,
+    _run_id(),
+    _column("split", sa.String, primary_key=True),
+    _column("name", sa.String, primary_key=True),
+    _column("value", sa.Float, nullable=True),  # NULL: not a finite number
+)
 
-class Epoch(Base):
-    """Per-epoch bookkeeping that is not a metric (timings)."""
-
-    __tablename__ = "epochs"
-    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    epoch: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
-    duration_s: Mapped[float] = mapped_column(sa.Float)
-    finished_at: Mapped[datetime] = mapped_column(sa.DateTime)
-
-
-class SplitMetric(Base):
-    """End-of-training metrics of a split (``test``)."""
-
-    __tablename__ = "split_metrics"
-    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    split: Mapped[str] = mapped_column(sa.String, primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String, primary_key=True)
-    value: Mapped[float | None] = mapped_column(sa.Float)  # NULL: not a finite number
-
-
-class Checkpoint(Base):
-    __tablename__ = "checkpoints"
-    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    kind: Mapped[str] = mapped_column(sa.String, primary_key=True)  # best | last
-    epoch: Mapped[int] = mapped_column(sa.Integer)
+checkpoints = sa.Table(
+    "checkpoints", metadata,
+    _run_id(),
+    _column("kind", sa.String, primary_key=True),  # best | last
+    _column("epoch", sa.Integer),
     # relative to runs/ beside the store (absolute elsewhere): read and written through Store.artifact_path / stored_path
-    path: Mapped[str] = mapped_column(sa.String)
-    sha256: Mapped[str] = mapped_column(sa.String)
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    _column("path", sa.String),
+    _column("sha256", sa.String),
+    _column("size_bytes", BigInteger),
+)
+
+# A user's label on a run (``runner tag``); ``--tag`` filters ``runs`` and ``report``.
+tags = sa.Table(
+    "tags", metadata,
+    _run_id(),
+    _column("tag", sa.String, primary_key=True, index=True),
+)
+
+# A later evaluation of a run's checkpoint (``runner eval``): on its own split or other data.
+evaluations = sa.Table(
+    "evaluations", metadata,
+    _column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _column("run_id", sa.ForeignKey("runs.id", ondelete="CASCADE"), index=True),
+    _column("created_at", sa.DateTime),
+    _column("split", sa.String),
+    _column("checkpoint", sa.String),  # best | last
+    _column("checkpoint_epoch", sa.Integer, nullable=True),
+    _column("dataset", sa.String),
+    _column("overrides_json", sa.Text),  # the data.* overrides, [] for the run's own data
+    _column("device", sa.String, nullable=True),
+    _column("samples", sa.Integer),
+    _column("loss", sa.Float, nullable=True),  # NULL: not a finite number
+    _column("accuracy", sa.Float),
+    _column("f1_macro", sa.Float),
+)
 
 
-class Tag(Base):
-    """A user's label on a run (``runner tag``); ``--tag`` filters ``runs`` and ``report``."""
-
-    __tablename__ = "tags"
-    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    tag: Mapped[str] = mapped_column(sa.String, primary_key=True, index=True)
-
-
-class Evaluation(Base):
-    """A later evaluation of a run's checkpoint (``runner eval``): on its own split or other data."""
-
-    __tablename__ = "evaluations"
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime)
-    split: Mapped[str] = mapped_column(sa.String)
-    checkpoint: Mapped[str] = mapped_column(sa.String)  # best | last
-    checkpoint_epoch: Mapped[int | None] = mapped_column(sa.Integer)
-    dataset: Mapped[str] = mapped_column(sa.String)
-    overrides_json: Mapped[str] = mapped_column(sa.Text)  # the data.* overrides, [] for the run's own data
-    device: Mapped[str | None] = mapped_column(sa.String)
-    samples: Mapped[int] = mapped_column(sa.Integer)
-    loss: Mapped[float | None] = mapped_column(sa.Float)  # NULL: not a finite number
-    accuracy: Mapped[float] = mapped_column(sa.Float)
-    f1_macro: Mapped[float] = mapped_column(sa.Float)
-
-
-__all__ = ["Base", "Meta", "Sweep", "Run", "EpochMetric", "Epoch", "SplitMetric", "Checkpoint", "Tag", "Evaluation"]
+__all__ = [
+    "metadata", "meta", "sweeps", "runs", "epoch_metrics", "epochs", "split_metrics",
+    "checkpoints", "tags", "evaluations",
+]

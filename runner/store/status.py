@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from runner.store.schema import Run
+from runner.store import schema
 
 STATUSES = ("running", "completed", "failed", "interrupted", "lost", "queued")  # queued: a sweep's run, not started yet
 RESUMABLE = ("interrupted", "failed", "lost")
@@ -35,7 +35,7 @@ def live_status(status: str, lost_after: datetime | None, now: datetime) -> str:
 
 def status_now(now: datetime) -> Any:
     """:func:`live_status` as an SQL expression over ``runs``."""
-    return sa.case((sa.and_(Run.status == "running", Run.lost_after < now), "lost"), else_=Run.status)
+    return sa.case((sa.and_(schema.runs.c.status == "running", schema.runs.c.lost_after < now), "lost"), else_=schema.runs.c.status)
 
 
 __all__ = ["STATUSES", "RESUMABLE", "LOST_AFTER_BEATS", "utcnow", "deadline", "live_status", "status_now"]
