@@ -8,7 +8,7 @@ live as long as the process. So those imports run with the collector paused.
 A command (one process) also freezes what the imports left (``gc.freeze`` after one collection), so
 the full collections that come later skip it. Measured on this 2-core machine under load, three
 runs each way (``python -c "import torch, torchvision, runner.execute"``, then allocating three
-million small lists): the import took 3.0-5.0 s paused and frozen against 4.1-5.8 s as usual, and
+million small lists): the import took 3.0-5.0 s paused and frozen against 4.1-6.0 s as usual, and
 the allocation afterwards 1.4-1.9 s against 2.7-3.9 s. A library call (``runner.run()`` in a user's
 process) only pauses: frozen objects are never collected, so a user's objects alive at that moment
 would leak if they became cyclic garbage later.
