@@ -1,7 +1,8 @@
 """The tables of the current schema: what a new store is created from, and what the queries use.
 
-SQLAlchemy Core tables, no ORM: importing ``sqlalchemy.orm`` and building mapped classes would cost
-every command a sixth of a second at start-up (``runner runs``), for nothing the store needs.
+SQLAlchemy Core tables, no ORM: importing ``sqlalchemy.orm`` and building mapped classes cost every
+command about a tenth of a second at start-up (``runner runs`` on 1,000 runs: a 489 ms median with
+them, 377 ms without), for nothing the store needs.
 A column is NOT NULL unless it says ``nullable=True``.
 
 A change here needs a migration in :mod:`runner.store.migrations` that brings an older store to the
