@@ -91,12 +91,22 @@ def add_baseline_option(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def versions(baseline_ref: str | None) -> Iterator[list[Version]]:
-    """This checkout, then (with a ref) that commit unpacked into a temporary directory (removed after)."""
+    """This checkout, then (with a ref) that commit unpacked into a temporary directory (removed after).
+
+    Both with their bytecode compiled, as a clone's is after its first run: where the environment
+    says not to write bytecode (``PYTHONDONTWRITEBYTECODE``), every process would otherwise compile
+    this checkout's modules from source and only the baseline's would be compiled.
+    """
+    compile_bytecode(CURRENT.root / "runner")
     if baseline_ref is None:
         yield [CURRENT]
         return
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
         yield [CURRENT, checkout(baseline_ref, Path(tmp))]
+
+
+def compile_bytecode(package: Path) -> None:
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
 
 
 def checkout(ref: str, into: Path) -> Version:
@@ -109,7 +119,7 @@ def checkout(ref: str, into: Path) -> Version:
     with tarfile.open(archive) as tar:
         tar.extractall(into / "src", filter="data")
     archive.unlink()
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(into / "src" / "runner")], check=True)
+    compile_bytecode(into / "src" / "runner")
     return Version(f"baseline {ref} ({commit.stdout.strip()})", into / "src")
 
 

@@ -200,6 +200,12 @@ class WeightsFromFile(_Strict):
 class WeightsFromRun(_Strict):
     run: str
 
+    @field_validator("run", mode="before")
+    @classmethod
+    def _digits_read_as_a_number(cls, value: Any) -> Any:
+        # YAML reads an id of digits only (``{run: 257400778786}``, made before new ids had a letter) as an int
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else value
+
 
 class WeightsFromExperiment(_Strict):
     experiment: str

@@ -16,6 +16,12 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from pg_server import PostgresServer, throwaway_server, why_no_server
+from runner.performance import contention_defaults
+
+# The suite trains in its own process (and its workers' under pytest-xdist) as much as in runner
+# subprocesses: its OpenMP threads must not spin either while another test trains on the same cores
+# (a 30 s quickstart took 219 s beside another worker with the default spinning).
+contention_defaults()
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = Path(__file__).resolve().parent / "specs"
@@ -107,6 +113,13 @@ def tiny_spec() -> Path:
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "results.db"
+
+
+def yielding_to_the_test() -> None:
+    """``preexec_fn`` of a runner subprocess that a test stops mid-run (a signal after its first epoch):
+    at a lower priority, the test's polling wins the cores, so on a loaded machine the run cannot
+    finish its remaining epochs before the test has seen the first one."""
+    os.nice(10)
 
 
 @contextmanager

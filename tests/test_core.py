@@ -398,6 +398,6 @@ def test_quickstart_reaches_097_test_accuracy(run_cli, db: Path) -> None:
 def test_readme_opens_with_install_then_test_and_ci_runs_them() -> None:
     readme = (ROOT / "README.md").read_text()
     first_block = readme.split("```")[1].strip().splitlines()
-    assert first_block == ['pip install -e ".[test]"', "python -m pytest -q"]
+    assert first_block == ['pip install -e ".[test]"', "python -m pytest -q -n 2"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "venv" in ci and "README.md" in ci

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from conftest import TINY_SPEC, builtin_registries, query_sql
+from conftest import TINY_SPEC, builtin_registries, query_sql, yielding_to_the_test
 from pg_server import PG_PASSWORD_USER, PostgresServer, free_port
 from runner.store import Store, artifacts_required, mask_url
 
@@ -219,7 +219,8 @@ def test_a_worker_killed_mid_run_leaves_it_to_be_requeued_after_the_lease_and_re
     queued = queue_sweep(Store(url, artifacts=tmp_path / "runs"), document, planned)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNNER_DB": url, "RUNNER_ARTIFACTS": str(tmp_path / "runs"), "RUNNER_HEARTBEAT_S": "1"}
     argv = [sys.executable, "-m", "runner", "worker", "--sweep", queued.sweep_id]
-    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=yielding_to_the_test)  # killed after its first epoch, not after its last
     wait_until(lambda: any(r["epochs_run"] >= 1 for r in sweep_rows(url)) or first.poll() is not None, "the first epoch", timeout=600)
     first.kill()  # SIGKILL: no word to the store
     first.wait(timeout=60)

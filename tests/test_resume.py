@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import pytest
 
 from runner.store import Store
-from conftest import builtin_registries
+from conftest import builtin_registries, yielding_to_the_test
 
 SPEC = Path(__file__).resolve().parent / "specs" / "resume.yaml"
 EPOCHS = 4
@@ -42,7 +42,7 @@ def start_run(db: Path, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "runner", "run", str(SPEC), "--db", str(db), "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env}, preexec_fn=yielding_to_the_test,  # its 4 epochs take about a second
     )
 
 

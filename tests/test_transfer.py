@@ -163,6 +163,26 @@ def test_weights_from_a_run_and_never_random_by_accident(tmp_path: Path, run_cli
     assert wrong.exit_code == 2 and "weights from file:" in wrong.err
 
 
+
+def test_a_run_id_of_digits_only_names_its_run_in_a_spec_and_new_ids_always_have_a_letter(run_cli, db: Path, monkeypatch) -> None:
+    """YAML reads ``{run: 257400778786}`` as a number: such an id (one in 300 of the ids made before) still
+    names its run, and a new id is never all digits (found as a flaky test: a copied store's run id)."""
+    import uuid
+
+    from runner.store import database, runs
+
+    monkeypatch.setattr(database, "new_id", lambda: "257400778786")  # as an older runner could have made it
+    first = run_cli("run", TINY_SPEC, "--db", db, "-q")
+    assert first.exit_code == 0 and first.out.strip() == "257400778786", first.err
+    monkeypatch.undo()
+    second = run_cli("run", TINY_SPEC, "--db", db, "-q", "--set", "model.weights={run: 257400778786}")
+    assert second.exit_code == 0, second.err
+    assert run_cli("show", second.out.strip(), "--db", db, "--format", "json").json()["weights"]["source"] == "run:257400778786"
+
+    drawn = iter([uuid.UUID(int=0x257400778786 << 80), uuid.UUID(int=0x0123456789AB << 80)])
+    monkeypatch.setattr(runs.uuid, "uuid4", lambda: next(drawn))
+    assert runs.new_id() == "0123456789ab"  # the all-digit draw was thrown away
+
 # ---- 4. strategies ----------------------------------------------------------------------------
 
 

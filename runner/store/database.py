@@ -22,7 +22,6 @@ import os
 import random
 import re
 import time
-import uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -39,7 +38,7 @@ from runner.store.manage import RunManagement
 from runner.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from runner.store.queries import RunQueries
 from runner.store.queue import RunQueue
-from runner.store.runs import RunWriter
+from runner.store.runs import RunWriter, new_id
 
 DEFAULT_DB = "results.db"
 DB_ENV = "RUNNER_DB"
@@ -352,7 +351,7 @@ class Store:
 
     # ---- runs and their artefacts -----------------------------------------------------------------
     def new_run_id(self) -> str:
-        return uuid.uuid4().hex[:12]
+        return new_id()
 
     def run_dir(self, run_id: str) -> Path:
         """Where a new run's artefacts go; a server store without an artefact directory refuses (see :func:`artifacts_required`)."""

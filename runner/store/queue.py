@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import socket
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Sequence
@@ -27,7 +26,7 @@ import sqlalchemy as sa
 from runner.errors import RunnerError, StoreError
 from runner.store import schema
 from runner.store.queries import json_value
-from runner.store.runs import check_owner, forget_after
+from runner.store.runs import check_owner, forget_after, new_id
 from runner.store.status import deadline, live_status, status_now, utcnow
 
 if TYPE_CHECKING:
@@ -135,7 +134,7 @@ class RunQueue:
                 conn.execute(sa.update(schema.sweeps).where(schema.sweeps.c.id == found).values(max_attempts=sweep.max_attempts))
                 return found, False
             now = utcnow()
-            sweep_id = uuid.uuid4().hex[:12]
+            sweep_id = new_id()
             conn.execute(sa.insert(schema.sweeps).values(  # the sweep before the runs that refer to it
                 id=sweep_id, name=sweep.name, spec_hash=sweep.spec_hash, spec_json=sweep.spec_json, spec_dir=sweep.spec_dir,
                 keys_json=json.dumps(list(sweep.keys)), max_attempts=sweep.max_attempts, created_at=now))

@@ -33,6 +33,18 @@ def stored_number(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def new_id() -> str:
+    """A new run or sweep id: 12 hex digits, at least one of them a letter.
+
+    An id of digits only (one in 300) would come back from YAML as a number where a user writes it,
+    ``weights: {run: 257400778786}`` or ``--set model.weights={run: ...}``.
+    """
+    while True:
+        candidate = uuid.uuid4().hex[:12]
+        if not candidate.isdigit():
+            return candidate
+
+
 def new_owner() -> str:
     """A token naming this process, unique to one claim of one run: ``host:pid:nonce``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
