@@ -42,7 +42,7 @@ def start_run(db: Path, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "runner", "run", str(SPEC), "--db", str(db), "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env}, preexec_fn=yielding_to_the_test,  # its 4 epochs take about a second
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env}, preexec_fn=yielding_to_the_test,  # stopped after the first of 4 short epochs
     )
 
 

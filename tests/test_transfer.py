@@ -165,7 +165,7 @@ def test_weights_from_a_run_and_never_random_by_accident(tmp_path: Path, run_cli
 
 
 def test_a_run_id_of_digits_only_names_its_run_in_a_spec_and_new_ids_always_have_a_letter(run_cli, db: Path, monkeypatch) -> None:
-    """YAML reads ``{run: 257400778786}`` as a number: such an id (one in 300 of the ids made before) still
+    """YAML reads ``{run: 257400778786}`` as a number: such an id (about one in 280 of the ids made before) still
     names its run, and a new id is never all digits (found as a flaky test: a copied store's run id)."""
     import uuid
 

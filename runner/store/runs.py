@@ -36,7 +36,7 @@ def stored_number(value: float | None) -> float | None:
 def new_id() -> str:
     """A new run or sweep id: 12 hex digits, at least one of them a letter.
 
-    An id of digits only (one in 300) would come back from YAML as a number where a user writes it,
+    An id of digits only (about one in 280) would come back from YAML as a number where a user writes it,
     ``weights: {run: 257400778786}`` or ``--set model.weights={run: ...}``.
     """
     while True:
