@@ -163,7 +163,6 @@ def test_weights_from_a_run_and_never_random_by_accident(tmp_path: Path, run_cli
     assert wrong.exit_code == 2 and "weights from file:" in wrong.err
 
 
-
 def test_a_run_id_of_digits_only_names_its_run_in_a_spec_and_new_ids_always_have_a_letter(run_cli, db: Path, monkeypatch) -> None:
     """YAML reads ``{run: 257400778786}`` as a number: such an id (about one in 280 of the ids made before) still
     names its run, and a new id is never all digits (found as a flaky test: a copied store's run id)."""
@@ -182,6 +181,7 @@ def test_a_run_id_of_digits_only_names_its_run_in_a_spec_and_new_ids_always_have
     drawn = iter([uuid.UUID(int=0x257400778786 << 80), uuid.UUID(int=0x0123456789AB << 80)])
     monkeypatch.setattr(runs.uuid, "uuid4", lambda: next(drawn))
     assert runs.new_id() == "0123456789ab"  # the all-digit draw was thrown away
+
 
 # ---- 4. strategies ----------------------------------------------------------------------------
 
