@@ -7,6 +7,11 @@ defaults). Whole processes, imports included, in alternating order, ``--rounds``
 ratio to the plain loop, and the median of those ratios. Every side must report the plain loop's
 per-epoch losses, so the work is the same. Peak resident memory (``wait4``) of every process too.
 
+The plain loop keeps OpenMP's defaults, as a user's own script has them. Where the runner's threads
+wait otherwise (its short spin, ``runner.performance``), the plain loop also runs a second time with
+the runner's setting, which splits ``runner / plain`` into what that setting costs the loop alone and
+the runner's own overhead.
+
 Lightning is installed into a throwaway virtual environment that sees this environment's packages
 (torch is not installed twice): ``lightning``, ``lightning-utilities`` and ``torchmetrics`` with
 ``pip --no-deps``. When that fails (no registry), the Lightning side is skipped and says why.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import site
 import subprocess
 import sys
@@ -36,6 +42,9 @@ PLAIN_LOOP = ROOT / "bench" / "plain_loop.py"
 LIGHTNING_LOOP = ROOT / "bench" / "lightning_loop.py"
 LIGHTNING_PACKAGES = ["lightning", "lightning-utilities", "torchmetrics"]
 SPEED_TARGET, MEMORY_TARGET = 1.02, 1.15
+# the environment variables behind the runner's recorded performance.omp_wait_policy and the rest
+OPENMP_WAIT_FIELDS = {"OMP_WAIT_POLICY": "omp_wait_policy", "GOMP_SPINCOUNT": "gomp_spincount", "KMP_BLOCKTIME": "kmp_blocktime"}
+PLAIN_AS_RUNNER = "plain, runner's waiting"
 
 
 def lightning_python(venv: Path, wheels: Path | None = None) -> tuple[Path | None, str]:
@@ -58,6 +67,16 @@ def lightning_python(venv: Path, wheels: Path | None = None) -> tuple[Path | Non
             reason = (install.stderr or check.stderr).strip().splitlines()
             return None, f"lightning could not be installed or imported: {reason[-1] if reason else 'no output'}"
     return python, f"lightning {check.stdout.strip()}"
+
+
+def runners_openmp_waiting(perf: dict[str, Any]) -> dict[str, str] | None:
+    """This environment with the OpenMP waiting the runner's run recorded, or None when it is this environment's own."""
+    recorded = {name: perf.get(field) for name, field in OPENMP_WAIT_FIELDS.items()}
+    if all(os.environ.get(name) == value for name, value in recorded.items()):
+        return None
+    env = {k: v for k, v in os.environ.items() if k not in recorded}
+    env.update({name: value for name, value in recorded.items() if value is not None})
+    return env
 
 
 def recorded_switches(version: Version, device: str, tmp: Path) -> dict[str, Any]:
@@ -87,7 +106,7 @@ def main() -> None:
 
     with versions(args.baseline_ref) as measured, tempfile.TemporaryDirectory(prefix="peers-") as tmp_name:
         tmp = Path(tmp_name)
-        lightning, why = (None, "skipped (--no-lightning)") if args.no_lightning else lightning_python(
+        lightning, why = (None, "--no-lightning was given") if args.no_lightning else lightning_python(
             args.lightning_venv.resolve() if args.lightning_venv else tmp / "lightning-venv", args.lightning_wheels)
         print(f"lightning side: {why}", flush=True)
         switches = recorded_switches(measured[0], args.device, tmp)
@@ -100,6 +119,9 @@ def main() -> None:
             "plain": ([sys.executable, str(PLAIN_LOOP), *common, "--threads", str(perf["threads"]), "--amp", perf["amp"] or "off",
                        *(["--cudnn-benchmark"] if perf["cudnn_benchmark"] else [])], None),
         }
+        waiting = runners_openmp_waiting(perf)
+        if waiting is not None:  # the same loop, its threads waiting as the runner's do: what is the runner's own overhead
+            commands[PLAIN_AS_RUNNER] = (commands["plain"][0], waiting)
         side_version: dict[str, Version] = {}
         for version in measured:
             side = "runner" if version.label == "current" else f"runner [{version.label}]"
@@ -113,7 +135,7 @@ def main() -> None:
         losses: dict[str, list[Any]] = {side: [] for side in commands}
         for i, side in alternating(args.rounds, list(commands)):
             command, env = commands[side]
-            work = tmp / f"{side.replace(' ', '_')}-{i}"
+            work = tmp / f"side{list(commands).index(side)}-round{i}"
             work.mkdir(exist_ok=True)
             if side.startswith("runner"):
                 command = [*command, "--db", str(work / "results.db")]
@@ -143,6 +165,10 @@ def main() -> None:
     def memory(side: str) -> float:
         return max(r.peak_rss_bytes for r in runs[side]) / max(r.peak_rss_bytes for r in runs["plain"])
 
+    if PLAIN_AS_RUNNER in commands:
+        print(f"{PLAIN_AS_RUNNER} / plain: {ratio(PLAIN_AS_RUNNER):.3f} (what the runner's OpenMP waiting costs the loop alone); "
+              f"runner / {PLAIN_AS_RUNNER}: {median([a.wall_s / b.wall_s for a, b in zip(runs['runner'], runs[PLAIN_AS_RUNNER])]):.3f} "
+              "(the runner's own overhead)")
     for version in measured[1:]:
         side = f"runner [{version.label}]"
         print(f"[{version.label}] runner / plain: {ratio(side):.3f}; peak RSS runner / plain: {memory(side):.3f}")
