@@ -37,13 +37,15 @@ from typing import Any
 
 from benchlib import DATA, ROOT, Version, add_baseline_option, alternating, header, measure, median, versions
 
+from runner.performance import BLOCKTIME_ENV, OPENMP_WAITING, SPINCOUNT_ENV, WAIT_POLICY_ENV
+
 SPEC = ROOT / "experiments" / "quickstart.yaml"
 PLAIN_LOOP = ROOT / "bench" / "plain_loop.py"
 LIGHTNING_LOOP = ROOT / "bench" / "lightning_loop.py"
 LIGHTNING_PACKAGES = ["lightning", "lightning-utilities", "torchmetrics"]
 SPEED_TARGET, MEMORY_TARGET = 1.02, 1.15
 # the environment variables behind the runner's recorded performance.omp_wait_policy and the rest
-OPENMP_WAIT_FIELDS = {"OMP_WAIT_POLICY": "omp_wait_policy", "GOMP_SPINCOUNT": "gomp_spincount", "KMP_BLOCKTIME": "kmp_blocktime"}
+OPENMP_WAIT_FIELDS = dict(zip((WAIT_POLICY_ENV, SPINCOUNT_ENV, BLOCKTIME_ENV), OPENMP_WAITING))
 PLAIN_AS_RUNNER = "plain, runner's waiting"
 
 
@@ -159,15 +161,15 @@ def main() -> None:
         print(f"{side:28} {median(walls):9.2f} {min(walls):7.2f} {max(walls):7.2f} {max(r.peak_rss_bytes for r in runs[side]) / 2**20:9.0f}  "
               f"{'yes, to the last digit' if same else 'NO'}")
 
-    def ratio(side: str) -> float:
-        return median([a.wall_s / b.wall_s for a, b in zip(runs[side], runs["plain"])])
+    def ratio(side: str, over: str = "plain") -> float:
+        return median([a.wall_s / b.wall_s for a, b in zip(runs[side], runs[over])])
 
     def memory(side: str) -> float:
         return max(r.peak_rss_bytes for r in runs[side]) / max(r.peak_rss_bytes for r in runs["plain"])
 
     if PLAIN_AS_RUNNER in commands:
         print(f"{PLAIN_AS_RUNNER} / plain: {ratio(PLAIN_AS_RUNNER):.3f} (what the runner's OpenMP waiting costs the loop alone); "
-              f"runner / {PLAIN_AS_RUNNER}: {median([a.wall_s / b.wall_s for a, b in zip(runs['runner'], runs[PLAIN_AS_RUNNER])]):.3f} "
+              f"runner / {PLAIN_AS_RUNNER}: {ratio('runner', over=PLAIN_AS_RUNNER):.3f} "
               "(the runner's own overhead)")
     for version in measured[1:]:
         side = f"runner [{version.label}]"
