@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -48,11 +49,34 @@ def load_state_dict_file(path: Path, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
+@contextlib.contextmanager
+def _without_zip_checksums() -> Iterator[None]:
+    """Skip the CRC-32 that ``torch.save`` computes for each zip record (about 40% of saving a state dict).
+
+    ``torch.load`` has never checked it (PyTorch builds its zip reader without CRC checks), and the
+    runner's own integrity check is the sha256 the store records for every checkpoint. Where torch
+    has no such option (before 2.6), saving is unchanged.
+    """
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        config = None
+    save_config = getattr(config, "save", None)
+    if not hasattr(save_config, "compute_crc32"):
+        yield
+        return
+    previous, save_config.compute_crc32 = save_config.compute_crc32, False
+    try:
+        yield
+    finally:
+        save_config.compute_crc32 = previous
+
+
 def _torch_save(payload: Any, tmp: Path, path: Path) -> None:
     """``torch.save`` through a Python file, so that a failed write (a full disk) raises its own
     ``OSError`` naming ``path``, not torch's "enforce fail … unexpected pos" that hides it."""
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, _without_zip_checksums():
             torch.save(payload, f)
     except RuntimeError as exc:
         if not isinstance(exc.__context__, OSError):

@@ -8,10 +8,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import runpy
 import sqlite3
 import subprocess
 import sys
+import zipfile
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -308,3 +310,31 @@ def test_a_cli_run_leaves_a_whole_store_behind(tmp_path) -> None:
     with sqlite3.connect(db) as conn:
         [(status,)] = conn.execute("SELECT status FROM runs").fetchall()
     assert status == "completed"
+
+
+def test_checkpoint_files_skip_zip_checksums_yet_load_exactly_and_leave_torch_save_alone(tmp_path) -> None:
+    """The runner's own files are written without the zip CRC-32 (torch.load never checks it; the store
+    keeps a sha256); what the user saves with torch.save in the same process still gets it."""
+    serialization = pytest.importorskip("torch.utils.serialization")
+    from runner.tensor_files import load_tensors, save_tensors
+
+    state = nn.Linear(64, 32).state_dict()
+    save_tensors(state, tmp_path / "ours.pt")
+    torch.save(state, tmp_path / "theirs.pt")
+
+    loaded = load_tensors(tmp_path / "ours.pt", "checkpoint")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items()) and loaded.keys() == state.keys()
+    with zipfile.ZipFile(tmp_path / "ours.pt") as ours, zipfile.ZipFile(tmp_path / "theirs.pt") as theirs:
+        assert {i.CRC for i in ours.infolist()} == {0}
+        assert theirs.testzip() is None and all(i.CRC for i in theirs.infolist() if i.file_size)
+    assert serialization.config.save.compute_crc32 is True
+
+
+def test_a_failed_checkpoint_write_leaves_torch_saves_checksums_on(tmp_path) -> None:
+    serialization = pytest.importorskip("torch.utils.serialization")
+    from runner.tensor_files import save_tensors
+
+    with pytest.raises(pickle.PicklingError):  # pickle refuses a lambda halfway through the write
+        save_tensors({"w": torch.ones(3), "f": lambda: None}, tmp_path / "x.pt")
+    assert serialization.config.save.compute_crc32 is True
+    assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary left
