@@ -33,6 +33,7 @@ One process started without torchrun gets :data:`ONE_PROCESS`, whose every opera
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -458,8 +459,15 @@ def launch(nproc: int, runner_args: list[str], debug: bool = False) -> int:
         except ChildFailedError as exc:
             return _exit_code_of_workers(exc.failures)
         except SignalException as exc:
-            return 128 + int(exc.sigval)
-    return 0
+            signalled = 128 + int(exc.sigval)
+        else:
+            return 0
+    # On a signal torchrun leaves its rendezvous open (for other nodes to rescale), so the rendezvous'
+    # keep-alive thread runs until its handler is collected. Collected by a pass that this thread
+    # happened to trigger, the timer's finalizer cannot join its own thread and prints a traceback:
+    # collect now, here, as soon as the launcher's frames are gone.
+    gc.collect()
+    return signalled
 
 
 def _exit_code_of_workers(failures: dict[int, Any]) -> int:

@@ -453,6 +453,36 @@ def test_the_launcher_says_why_only_when_rank_0_could_not(capsys: pytest.Capture
     assert capsys.readouterr().err == "error: rank 0 (pid 102) was killed by SIGKILL\nerror: rank 1 (pid 101) was killed by SIGKILL\n"
 
 
+def test_a_signal_ending_the_launch_stops_the_rendezvous_keep_alive_thread_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a signal torchrun leaves its rendezvous handler to the garbage collector; collected later by a
+    pass its keep-alive thread triggered, the finalizer cannot join that thread and prints a traceback.
+    The launch collects it at once: the thread has stopped when ``launch`` returns."""
+    from datetime import timedelta
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.utils import _PeriodicTimer
+
+    from runner import distributed
+
+    keep_alive = []
+
+    class Handler:  # as torchrun's rendezvous handler: a keep-alive timer, and garbage only in a cycle
+        def __init__(self) -> None:
+            self.cycle = self
+            self.timer = _PeriodicTimer(timedelta(seconds=600), lambda: None)
+            self.timer.start()
+            keep_alive.append(self.timer._thread)
+
+    def interrupted_run(args: Any) -> None:
+        handler = Handler()  # noqa: F841 (held by this frame until the exception leaves it)
+        raise SignalException("Process got signal: 2", signal.SIGINT)
+
+    monkeypatch.setattr(torchrun, "run", interrupted_run)
+    assert distributed.launch(2, ["run", "spec.yaml"]) == 130
+    assert not keep_alive[0].is_alive()
+
+
 def test_nproc_is_refused_below_one_and_under_torchrun(run_cli: Any, tiny_spec: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     refused = run_cli("run", tiny_spec, "--db", db, "--nproc", "0")
     assert refused.exit_code == 2 and refused.err == "error: --nproc must be at least 1, got 0\n"
