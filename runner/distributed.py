@@ -462,10 +462,10 @@ def launch(nproc: int, runner_args: list[str], debug: bool = False) -> int:
             signalled = 128 + int(exc.sigval)
         else:
             return 0
-    # On a signal torchrun leaves its rendezvous open (for other nodes to rescale), so the rendezvous'
-    # keep-alive thread runs until its handler is collected. Collected by a pass that this thread
-    # happened to trigger, the timer's finalizer cannot join its own thread and prints a traceback:
-    # collect now, here, as soon as the launcher's frames are gone.
+    # On a signal torchrun leaves its rendezvous open (for other nodes to rescale): the handler's
+    # keep-alive thread runs until the handler is garbage-collected. When a collection that the
+    # keep-alive thread itself triggered does it, the finalizer cannot join that thread and prints
+    # a traceback; collect now, in this thread, as soon as the launcher's frames are gone.
     gc.collect()
     return signalled
 
