@@ -57,19 +57,15 @@ def _without_zip_checksums() -> Iterator[None]:
     runner's own integrity check is the sha256 the store records for every checkpoint. Where torch
     has no such option (before 2.6), saving is unchanged.
     """
-    try:
-        from torch.utils.serialization import config
-    except ImportError:
-        config = None
-    save_config = getattr(config, "save", None)
-    if not hasattr(save_config, "compute_crc32"):
+    if not hasattr(torch.serialization, "set_crc32_options"):
         yield
         return
-    previous, save_config.compute_crc32 = save_config.compute_crc32, False
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
     try:
         yield
     finally:
-        save_config.compute_crc32 = previous
+        torch.serialization.set_crc32_options(previous)
 
 
 def _torch_save(payload: Any, tmp: Path, path: Path) -> None:
