@@ -214,7 +214,7 @@ def test_a_worker_killed_mid_run_leaves_it_to_be_requeued_after_the_lease_and_re
     from runner.sweeps import queue_sweep
 
     url = postgres_server.new_database()
-    epochs = 4
+    epochs = 10  # enough that the kill after the first epoch lands mid-run on a fast machine too (4 were all done by then once)
     document, planned = _tiny_sweep(tmp_path, "killed", seeds=1, epochs=epochs, data__train_per_class=80)
     queued = queue_sweep(Store(url, artifacts=tmp_path / "runs"), document, planned)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNNER_DB": url, "RUNNER_ARTIFACTS": str(tmp_path / "runs"), "RUNNER_HEARTBEAT_S": "1"}
