@@ -330,19 +330,22 @@ def train_run(
         except KeyboardInterrupt as exc:
             if fence.lost is not None:
                 raise fence.lost from None
-            elsewhere = collective.failure_elsewhere()  # torchrun stops the other ranks (SIGTERM) when one fails
-            if elsewhere is not None:
-                raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
             signal_name = getattr(exc, "signal_name", "SIGINT")
             with signals_deferred(raise_after=False):
+                elsewhere = collective.failure_elsewhere()  # torchrun stops the other ranks (SIGTERM) when one fails
+                if elsewhere is not None:
+                    raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
                 store.runs.finish(run_id, "interrupted", owner=owner, stop_reason=f"interrupted by {signal_name}")
             raise RunInterrupted(run_id, signal_name, recorder.checkpoint_epoch, collective.resume_command(run_id)) from None
         except Exception as exc:
-            # a rank that failed first explains a broken connection here (not an error rank 0 found itself)
-            elsewhere = None if isinstance(exc, RunnerError) else collective.failure_elsewhere()
-            if elsewhere is not None:
-                raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
-            raise _failed(store, run_id, owner, *_described(exc)) from exc
+            # torchrun's SIGTERM follows another rank's failure closely: arriving while this one is
+            # recorded, it must not leave the run `running` (it stops a worker claiming more, see late_signal)
+            with signals_deferred(raise_after=False):
+                # a rank that failed first explains a broken connection here (not an error rank 0 found itself)
+                elsewhere = None if isinstance(exc, RunnerError) else collective.failure_elsewhere()
+                if elsewhere is not None:
+                    raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
+                raise _failed(store, run_id, owner, *_described(exc)) from exc
         # trained: a signal now cannot make the run interrupted (a worker takes it as "claim no more")
         with signals_deferred(raise_after=False):
             test = _store_completed(store, run_id, owner, result)

@@ -106,13 +106,18 @@ def signals_deferred(raise_after: bool = True) -> Iterator[None]:
 
     Used where stopping half-way would waste an epoch's bookkeeping; a second signal raises at once.
     A dropped signal is kept for :func:`late_signal`: it came too late to stop this run, not too
-    late to stop a worker from claiming the next one.
+    late to stop a worker from claiming the next one. So is one that waited in a block an error
+    left: the error goes on, it says more than the signal.
     """
     _state.depth += 1
     try:
         yield
-    finally:
+    except BaseException:
         _state.depth -= 1
+        if _state.depth == 0 and _state.pending is not None:
+            _state.late, _state.pending = _state.pending, None
+        raise
+    _state.depth -= 1
     if _state.depth == 0 and _state.pending is not None:
         signum, _state.pending = _state.pending, None
         if raise_after:

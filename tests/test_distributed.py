@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from conftest import builtin_registries
 
 from runner.store import Store
 
@@ -235,6 +236,41 @@ def test_a_rank_that_raises_fails_the_run_with_its_error_and_the_launcher_exits_
     assert [e["epoch"] for e in shown["epochs"]] == [1]
     assert out == ""
     assert err.strip().splitlines() == [f"error: run {runs[0]['id']} failed: rank 1: ValueError: probe failure on rank 1 in epoch 2"]
+
+
+def test_torchruns_sigterm_while_rank_0_records_another_ranks_failure_does_not_interrupt_it(
+    tmp_path: Path, tiny_spec: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race behind a flaky launch (exit 143, "SIGTERM"): rank 0 finds its connection broken by a
+    rank that failed, and torchrun's SIGTERM arrives while rank 0 asks for that rank's error."""
+    from runner import execute
+    from runner.distributed import ONE_PROCESS, RankFailure
+    from runner.execute import TrainingFailed
+    from runner.lifecycle import late_signal
+    from runner.reports import run_details
+
+    class BrokenByRank1(type(ONE_PROCESS)):  # type: ignore[misc]
+        def failure_elsewhere(self) -> RankFailure:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here, in the middle of asking
+            return RankFailure(rank=1, error="ValueError: probe failure", traceback="rank 1's traceback", exit_code=1)
+
+    def fit(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(execute, "fit", fit)
+    late_signal()
+    store = Store(tmp_path / "results.db")
+    try:
+        with pytest.raises(TrainingFailed) as failed:
+            execute.run_experiment(tiny_spec, store=store, registries=builtin_registries(), collective=BrokenByRank1())
+    except KeyboardInterrupt as exc:  # what the launcher printed ("SIGTERM") before exiting 143
+        pytest.fail(f"the signal cut recording the failure short: {exc!r}")
+    assert str(failed.value).endswith("rank 1: ValueError: probe failure")
+    [run] = store.query.runs_table()
+    shown = run_details(store, run["id"])
+    assert (shown["status"], shown["error"], shown["traceback"]) == ("failed", "rank 1: ValueError: probe failure", "rank 1's traceback")
+    assert late_signal() == signal.SIGTERM
 
 
 def test_ranks_whose_weights_drift_apart_fail_the_run_at_its_end(probe_site: Path, tmp_path: Path, run_cli: Any) -> None:

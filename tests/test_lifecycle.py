@@ -75,6 +75,21 @@ def test_a_late_signal_is_dropped_where_the_run_is_already_finishing() -> None:
     assert done == ["finished", "after the block", "a later block"]
 
 
+def test_a_signal_waiting_in_a_block_an_error_leaves_lets_the_error_go_on_and_is_kept_as_late() -> None:
+    """A failure being recorded when torchrun's SIGTERM arrives: the failure is what the caller must see."""
+    from runner.lifecycle import late_signal
+
+    late_signal()
+    with pytest.raises(ValueError, match="recording the failure"), stop_on_signals():
+        with signals_deferred(raise_after=False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            raise ValueError("recording the failure")
+    assert late_signal() == signal.SIGTERM  # a worker claims no next run
+    with stop_on_signals(), signals_deferred():
+        time.sleep(0.05)  # and the signal does not wait for the next deferred block
+
+
 def test_the_heartbeat_beats_from_another_thread_until_the_block_ends() -> None:
     beats: list[str] = []
     with heartbeat(lambda: beats.append(threading.current_thread().name), 0.02):
