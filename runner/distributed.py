@@ -40,6 +40,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, TypeVar
@@ -452,8 +453,11 @@ def launch(nproc: int, runner_args: list[str], debug: bool = False) -> int:
         raise RunnerError(f"--nproc must be at least 1, got {nproc}")
     if Launch.from_environment() is not None:
         raise RunnerError("--nproc starts torchrun, but this process already runs under torchrun; leave --nproc out")
-    args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "runner", *runner_args])
-    with _launcher_leaves_no_trace(debug):
+    # torchrun's per-launch directory (the workers' error files) would otherwise stay behind in /tmp;
+    # the failures are read from it before torchrun returns
+    with tempfile.TemporaryDirectory(prefix="runner-torchrun-", ignore_cleanup_errors=True) as log_dir, _launcher_leaves_no_trace(debug):
+        args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--log-dir", log_dir, "--module", "runner",
+                                    *runner_args])
         try:
             torchrun.run(args)
         except ChildFailedError as exc:

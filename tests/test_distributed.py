@@ -100,6 +100,11 @@ def details(run_cli: Any, db: Path, run_id: str) -> dict[str, Any]:
     return shown.json()
 
 
+def left_in(temporary: Path) -> list[str]:
+    """What a launch left in its TMPDIR, but for torch's compile cache (kept across processes by design)."""
+    return sorted(p.name for p in temporary.iterdir() if not p.name.startswith("torchinductor_"))
+
+
 def weights_by_rank(probe_dir: Path) -> dict[int, dict[int, str]]:
     """{rank: {epoch: sha256 of the rank's weights after that epoch}} from the probe's records."""
     found: dict[int, dict[int, str]] = {}
@@ -127,13 +132,20 @@ def two_process_run(probe_site: Path, tmp_path_factory: pytest.TempPathFactory) 
     """tests/specs/ddp.yaml trained by `runner run --nproc 2`, uninterrupted; each rank recorded its weights."""
     directory = tmp_path_factory.mktemp("ddp_run")
     db = directory / "results.db"
-    code, out, err = launch(["run", SPEC, "--nproc", 2, "--db", db, "-q"], environment(probe_site, directory / "probe"))
+    (directory / "tmp").mkdir()
+    code, out, err = launch(["run", SPEC, "--nproc", 2, "--db", db, "-q"],
+                            environment(probe_site, directory / "probe", TMPDIR=str(directory / "tmp")))
     assert code == 0, err
     return Launched(db, out.strip(), directory / "probe", err)
 
 
 # ------------------------------------------------------------------------------------------
 # One run, one writer, the same weights everywhere
+
+
+def test_a_launch_leaves_nothing_in_the_temporary_directory(two_process_run: Launched) -> None:
+    """torchrun makes a directory per launch for its workers' error files and never removes it."""
+    assert left_in(two_process_run.db.parent / "tmp") == []
 
 
 def test_two_processes_make_one_run_recording_world_size_and_identical_weights(two_process_run: Launched, run_cli: Any) -> None:
@@ -225,8 +237,11 @@ def test_a_rank_that_raises_fails_the_run_with_its_error_and_the_launcher_exits_
 ) -> None:
     db = tmp_path / "results.db"
     failing = "training.strategy={name: 'probe:recorder', fail_on_rank: 1, fail_in_epoch: 2}"
-    code, out, err = launch(["run", SPEC, "--nproc", 2, "--db", db, "-q", "--set", failing], environment(probe_site))
+    (tmp_path / "tmp").mkdir()
+    code, out, err = launch(["run", SPEC, "--nproc", 2, "--db", db, "-q", "--set", failing],
+                            environment(probe_site, TMPDIR=str(tmp_path / "tmp")))
     assert code == 1, err
+    assert left_in(tmp_path / "tmp") == []  # rank 1's error file was read, then removed with its directory
     runs = run_cli("runs", "--db", db, "--format", "json").json()
     assert len(runs) == 1
     shown = details(run_cli, db, runs[0]["id"])
