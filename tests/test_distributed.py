@@ -259,12 +259,12 @@ def test_torchruns_sigterm_while_rank_0_records_another_ranks_failure_does_not_i
     """The race behind a flaky launch (exit 143, "SIGTERM"): rank 0 finds its connection broken by a
     rank that failed, and torchrun's SIGTERM arrives while rank 0 asks for that rank's error."""
     from runner import execute
-    from runner.distributed import ONE_PROCESS, RankFailure
+    from runner.distributed import Collective, RankFailure
     from runner.execute import TrainingFailed
     from runner.lifecycle import late_signal
     from runner.reports import run_details
 
-    class BrokenByRank1(type(ONE_PROCESS)):  # type: ignore[misc]
+    class BrokenByRank1(Collective):  # one process, as rank 0 of a launch whose rank 1 failed
         def failure_elsewhere(self) -> RankFailure:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)  # the handler runs here, in the middle of asking
