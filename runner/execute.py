@@ -332,9 +332,9 @@ def train_run(
                 raise fence.lost from None
             signal_name = getattr(exc, "signal_name", "SIGINT")
             with signals_deferred(raise_after=False):
-                elsewhere = collective.failure_elsewhere()  # torchrun stops the other ranks (SIGTERM) when one fails
-                if elsewhere is not None:
-                    raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
+                # torchrun stops the other ranks (SIGTERM) when one fails
+                if (failed := _failed_elsewhere(store, run_id, owner, collective)) is not None:
+                    raise failed from exc
                 store.runs.finish(run_id, "interrupted", owner=owner, stop_reason=f"interrupted by {signal_name}")
             raise RunInterrupted(run_id, signal_name, recorder.checkpoint_epoch, collective.resume_command(run_id)) from None
         except Exception as exc:
@@ -342,10 +342,8 @@ def train_run(
             # recorded, it must not leave the run `running` (it stops a worker claiming more, see late_signal)
             with signals_deferred(raise_after=False):
                 # a rank that failed first explains a broken connection here (not an error rank 0 found itself)
-                elsewhere = None if isinstance(exc, RunnerError) else collective.failure_elsewhere()
-                if elsewhere is not None:
-                    raise _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback) from exc
-                raise _failed(store, run_id, owner, *_described(exc)) from exc
+                failed = None if isinstance(exc, RunnerError) else _failed_elsewhere(store, run_id, owner, collective)
+                raise (failed or _failed(store, run_id, owner, *_described(exc))) from exc
         # trained: a signal now cannot make the run interrupted (a worker takes it as "claim no more")
         with signals_deferred(raise_after=False):
             test = _store_completed(store, run_id, owner, result)
@@ -371,6 +369,12 @@ def _store_completed(store: Store, run_id: str, owner: str, result: FitResult) -
 def _described(exc: BaseException) -> tuple[str, str]:
     """The error and traceback stored with a run that failed on ``exc`` (being handled)."""
     return f"{type(exc).__name__}: {exc}", traceback.format_exc()
+
+
+def _failed_elsewhere(store: Store, run_id: str, owner: str, collective: Collective) -> TrainingFailed | None:
+    """Where another rank reported an error, the run stored ``failed`` with it: the exception to raise."""
+    elsewhere = collective.failure_elsewhere()
+    return None if elsewhere is None else _failed(store, run_id, owner, elsewhere.describe(), elsewhere.traceback)
 
 
 def _failed(store: Store, run_id: str, owner: str, error: str, trace: str) -> TrainingFailed:
