@@ -2,11 +2,16 @@
 
 ``auto`` picks, per device, what is fast where it keeps the numbers trustworthy:
 
-* ``channels_last``: on for models with 2-D convolutions on CUDA, the layout tensor cores want; on
-  the CPU only for narrow ones (at most 64 output channels): a training step of the quickstart CNN
-  (32 and 64 channels) took 24% less CPU time with it (``bench/channels_last.py`` measures whole
-  epochs), while torchvision's vgg11_bn at 32x32 took 24% more and resnet18 at 64x64 (both up to
-  512 channels) 20-45% more (oneDNN on a 2-core Xeon, measured under load, best of 2-3).
+* ``channels_last``: on for models with 2-D convolutions on CUDA, the layout tensor cores want. On
+  the CPU it depends on the width and on the instructions oneDNN uses there. Narrow convolutions (at
+  most 64 output channels) always: a training step of the quickstart CNN (32 and 64 channels) took
+  24% less CPU time with it (``bench/channels_last.py`` measures whole epochs). Wider ones (VGG,
+  ResNet: up to 512 channels) only where torch's CPU capability is ``AVX2``: on a 2-core Xeon
+  torchvision's vgg11_bn at 32x32 took 24% more and resnet18 at 64x64 20-45% more with it (measured
+  under load, best of 2-3), while on a 2-core AMD EPYC with AVX2 and no AVX-512 ten epochs of
+  head-only resnet18 at 64x64 without the feature cache took 128 s with it and 180 s without, and the
+  main job's first run 60 s against 68 s (on an AVX-512 EPYC it was 0-10% faster too; the default
+  there stays narrow-only, the Xeon's).
 * ``amp``: bf16 autocast on CUDA devices that support it, else fp16 with a gradient scaler. Off on
   CPU, where bf16 changes the numbers and its speed depends on the processor (on the EPYC machine
   this was developed on, ``amp: bf16`` made a quickstart epoch about 30% faster: opt in there).
@@ -107,6 +112,8 @@ class Performance:
     omp_wait_policy: str | None = None
     gomp_spincount: str | None = None
     kmp_blocktime: str | None = None
+    # the instruction set torch's CPU kernels used (``channels_last: auto`` depends on it; None off the CPU)
+    cpu_capability: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +166,8 @@ def _switch(value: str, auto: bool) -> bool:
 
 
 CPU_CHANNELS_LAST_MAX_WIDTH = 64
+# torch.backends.cpu.get_cpu_capability() values where wide convolutions are faster in channels_last too
+CPU_CHANNELS_LAST_ANY_WIDTH = frozenset({"AVX2"})
 
 
 def conv2d_width(model: Any) -> int:
@@ -173,7 +182,16 @@ def channels_last_pays(device: Any, model: Any) -> bool:
     width = conv2d_width(model)
     if device.type == "cuda":
         return width > 0
-    return device.type == "cpu" and 0 < width <= CPU_CHANNELS_LAST_MAX_WIDTH
+    if device.type != "cpu" or width == 0:
+        return False
+    return width <= CPU_CHANNELS_LAST_MAX_WIDTH or cpu_capability() in CPU_CHANNELS_LAST_ANY_WIDTH
+
+
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels (and oneDNN) dispatch to here: ``AVX2``, ``AVX512``, ..."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def amp_for(requested: str, device: Any) -> str | None:
@@ -211,6 +229,7 @@ def resolve(spec: Any, device: Any, model: Any) -> Performance:
         omp_wait_policy=os.environ.get(WAIT_POLICY_ENV),
         gomp_spincount=os.environ.get(SPINCOUNT_ENV),
         kmp_blocktime=os.environ.get(BLOCKTIME_ENV),
+        cpu_capability=cpu_capability() if device.type == "cpu" else None,
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from conftest import ROOT, TINY_SPEC, builtin_registries, plan_and_build
@@ -129,6 +130,22 @@ def test_auto_on_cpu_is_channels_last_for_conv_models_and_full_precision() -> No
     assert not resolve(load_spec(TINY_SPEC, ["performance.amp=bf16"]), torch.device("cpu"), conv).grad_scaler
 
 
+@pytest.mark.parametrize("capability, wide_channels_last", [("AVX2", True), ("AVX512", False), ("DEFAULT", False)])
+def test_auto_on_cpu_puts_wide_convolutions_in_channels_last_only_where_avx2_runs_them_faster(
+        monkeypatch, capability, wide_channels_last) -> None:
+    import runner.performance
+    from runner.performance import resolve
+    from runner.spec import load_spec
+
+    monkeypatch.setattr(runner.performance, "cpu_capability", lambda: capability)
+    spec = load_spec(TINY_SPEC)
+    narrow = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Flatten())
+    wide = torchvision.models.resnet18(num_classes=2)  # up to 512 channels
+    assert resolve(spec, torch.device("cpu"), narrow).channels_last
+    assert resolve(spec, torch.device("cpu"), wide).channels_last is wide_channels_last
+    assert resolve(load_spec(TINY_SPEC, ["performance.channels_last=off"]), torch.device("cpu"), wide).channels_last is False
+
+
 def test_the_trained_run_records_its_switches(run_cli, trained_tiny_run) -> None:
     shown = run_cli("show", trained_tiny_run.run_id, "--db", trained_tiny_run.db, "--format", "json").json()
     performance = shown["settings"]["performance"]
@@ -136,7 +153,7 @@ def test_the_trained_run_records_its_switches(run_cli, trained_tiny_run) -> None
         "threads": performance["threads"], "channels_last": True, "amp": None, "grad_scaler": False,
         "cudnn_benchmark": False, "pin_memory": False, "compile": False, "batches": "in-memory tensors, on cpu",
         "omp_wait_policy": performance["omp_wait_policy"], "gomp_spincount": performance["gomp_spincount"],
-        "kmp_blocktime": performance["kmp_blocktime"],
+        "kmp_blocktime": performance["kmp_blocktime"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     assert isinstance(performance["threads"], int) and performance["threads"] >= 1
 
