@@ -8,6 +8,7 @@ Python work, and the 2,000,000 per-epoch metric rows of a big store are never re
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -259,6 +260,49 @@ def sort_frame(frame: Any, sort: Sequence[str]) -> Any:
                                  key=lambda s: s.astype(str) if s.dtype == object else s).reset_index(drop=True)
 
 
+def t_quantile(probability: float, dof: int) -> float:
+    """Student's t quantile for whole degrees of freedom (NaN for none), as ``scipy.special.stdtrit(dof, probability)``.
+
+    Groups of runs have whole degrees of freedom, for which the t distribution function has a closed
+    form (Abramowitz & Stegun 26.7.3-4, in θ = atan(t / √dof)); bisection in θ solves it to float
+    precision. Importing scipy.special for this one quantile took 0.11-0.19 s, a tenth of a grouped
+    report on 2,000,000 metric rows (``bench/report_speed.py``); tests check it against scipy.
+    """
+    if dof < 1 or not 0 < probability < 1:
+        return math.nan
+    if probability < 0.5:
+        return -t_quantile(1 - probability, dof)
+    target = 2 * probability - 1  # P(|T| < t)
+    low, high = 0.0, math.pi / 2
+    for _ in range(200):
+        middle = (low + high) / 2
+        if middle in (low, high):  # as close as floats get
+            break
+        if _t_central_probability(middle, dof) < target:
+            low = middle
+        else:
+            high = middle
+    return math.sqrt(dof) * math.tan((low + high) / 2)
+
+
+def _t_central_probability(theta: float, dof: int) -> float:
+    """P(|T| < √dof·tan θ) for Student's t with ``dof`` (a whole number >= 1) degrees of freedom."""
+    sin, cos_squared = math.sin(theta), math.cos(theta) ** 2
+    if dof % 2 == 0:  # sin θ · (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(dof-2) θ)
+        term = total = 1.0
+        for k in range(1, dof // 2):
+            term *= (2 * k - 1) / (2 * k) * cos_squared
+            total += term
+        return sin * total
+    if dof == 1:
+        return 2 * theta / math.pi
+    term = total = 1.0  # odd: 2/π · (θ + sin θ cos θ · (1 + 2/3 cos²θ + 2·4/(3·5) cos⁴θ + ... up to cos^(dof-3) θ))
+    for k in range(1, (dof - 1) // 2):
+        term *= (2 * k) / (2 * k + 1) * cos_squared
+        total += term
+    return 2 / math.pi * (theta + sin * math.cos(theta) * total)
+
+
 def aggregate(frame: Any, keys: Sequence[str], metrics: Sequence[str]) -> Any:
     """One row per group: the keys, ``n`` runs, and per metric its mean, sample std and 95% CI half-width.
 
@@ -268,14 +312,15 @@ def aggregate(frame: Any, keys: Sequence[str], metrics: Sequence[str]) -> Any:
     """
     import numpy as np
     import pandas as pd
-    from scipy.special import stdtrit
 
     values = frame[list(metrics)].astype("float64")
     grouped = values.groupby([frame[k] for k in keys], dropna=False, sort=False)
     count = grouped.count()
     mean, std = grouped.mean(), grouped.std(ddof=1)
+    dof = (count - 1).clip(lower=0)
+    quantiles = {int(d): t_quantile(0.975, int(d)) for d in np.unique(dof.to_numpy())}
     with np.errstate(invalid="ignore", divide="ignore"):
-        ci95 = pd.DataFrame(stdtrit(np.maximum(count.to_numpy() - 1, 0), 0.975), index=count.index, columns=count.columns) * std / np.sqrt(count)
+        ci95 = dof.apply(lambda column: column.map(quantiles)) * std / np.sqrt(count)
     stats = {}
     for metric in metrics:
         stats[f"{metric}_mean"] = mean[metric]
@@ -381,10 +426,28 @@ def best_group(report: Report, keys: Sequence[str], choice: str) -> Best:
     if runner_up is not None:
         samples = [_group_values(report.frame, keys, row, metric) for row in (best, runner_up)]
         if min(len(values) for values in samples) >= 2:
-            from scipy.stats import ttest_ind
-
-            p_value = float(ttest_ind(*samples, equal_var=False).pvalue)
+            p_value = welch_p_value(*samples)
     return Best(metric, lowest, tuple(keys), best, runner_up, p_value)
+
+
+def welch_p_value(first: Sequence[float], second: Sequence[float]) -> float:
+    """Two-sided p-value of Welch's t-test, as ``scipy.stats.ttest_ind(first, second, equal_var=False).pvalue``.
+
+    The statistic and its Welch-Satterthwaite degrees of freedom are scipy's formulas; only the t
+    distribution comes from scipy.special: importing scipy.stats took another 0.74-0.90 s on top of
+    scipy.special's 0.15-0.19 s here, which ``--best`` paid on every call. Tests check it against ttest_ind.
+    """
+    import numpy as np
+    from scipy.special import stdtr
+
+    a, b = np.asarray(first, dtype="float64"), np.asarray(second, dtype="float64")
+    a_share, b_share = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size  # squared standard errors
+    with np.errstate(divide="ignore", invalid="ignore"):
+        statistic = (a.mean() - b.mean()) / np.sqrt(a_share + b_share)
+        dof = (a_share + b_share) ** 2 / (a_share**2 / (a.size - 1) + b_share**2 / (b.size - 1))
+    if np.isnan(dof):  # both samples constant: any degrees of freedom give the same answer (as scipy does)
+        dof = 1.0
+    return float(2 * stdtr(dof, -np.abs(statistic)))
 
 
 def _group_values(frame: Any, keys: Sequence[str], row: dict[str, Any], metric: str) -> list[float]:
@@ -447,8 +510,18 @@ def json_default(value: Any) -> Any:
 
 
 def frame_records(frame: Any) -> list[dict[str, Any]]:
-    """Rows as dicts with JSON-ready values: missing values (NaN, NA) become None."""
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+    """Rows as dicts with JSON-ready values: missing values (NaN, NA) become None.
+
+    Column by column, then zipped: a quarter of the time of ``astype(object).where(...).to_dict("records")``
+    (19 ms against 69 ms on 10,000 runs), with the same Python values.
+    """
+    columns = []
+    for _, column in frame.items():
+        values = column.to_numpy(dtype=object, copy=True)  # Python floats, ints and strings; pd.NA / NaN where missing
+        values[column.isna().to_numpy()] = None
+        columns.append(values.tolist())
+    names = frame.columns.tolist()
+    return [dict(zip(names, row)) for row in zip(*columns)]
 
 
 def frame_json(frame: Any) -> str:
@@ -460,7 +533,8 @@ def frame_json(frame: Any) -> str:
     records = frame_records(frame)
     if not records:
         return "[]"
-    return "[\n  " + ",\n  ".join(json.dumps(record, default=json_default) for record in records) + "\n]"
+    encode = json.JSONEncoder(default=json_default).encode  # one encoder: json.dumps(default=...) builds one per row
+    return "[\n  " + ",\n  ".join(map(encode, records)) + "\n]"
 
 
 def render(report: Report, fmt: str) -> str | bytes:

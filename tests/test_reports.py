@@ -93,6 +93,70 @@ def test_group_by_name_gives_mean_std_and_ci_of_the_seeds(run_cli, seed_store):
     assert short["test_accuracy_mean"] == pytest.approx(_show(run_cli, seed_store.db, seed_store.short_id)["test_accuracy"])
 
 
+def test_t_quantile_matches_scipy_for_whole_degrees_of_freedom():
+    from scipy.special import stdtrit
+
+    from runner.reports import t_quantile
+
+    for dof in [*range(1, 120), 999, 1000, 4096]:
+        for probability in (0.975, 0.995, 0.9, 0.6, 0.025):
+            assert t_quantile(probability, dof) == pytest.approx(float(stdtrit(dof, probability)), rel=1e-11), (dof, probability)
+    assert t_quantile(0.975, 2) == pytest.approx(4.302652729749464, rel=1e-14)  # the half-width of three seeds
+    assert math.isnan(t_quantile(0.975, 0))
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy's, on the constant samples
+def test_welch_p_value_matches_scipy_ttest_ind():
+    import numpy as np
+    from scipy.stats import ttest_ind
+
+    from runner.reports import welch_p_value
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.normal(0.9, 0.01, n), rng.normal(0.9 + shift, spread, m))
+             for n, m, shift, spread in [(3, 3, 0.0, 0.01), (3, 5, 0.02, 0.03), (10, 2, 0.005, 0.001), (2, 2, 0.1, 0.05)]]
+    cases += [([1.0, 1.0], [2.0, 2.0]), ([0.8, 0.9, 0.85], [0.8, 0.8, 0.8])]  # constant samples
+    for first, second in cases:
+        assert welch_p_value(first, second) == pytest.approx(float(ttest_ind(first, second, equal_var=False).pvalue), rel=1e-10, abs=1e-300)
+    assert math.isnan(welch_p_value([1.0, 1.0], [1.0, 1.0]))
+
+
+def test_a_grouped_report_does_not_import_scipy(seed_store):
+    """The 95% interval's t quantile is computed in runner: scipy.special's import is a tenth of a big grouped report."""
+    code = (
+        "import sys\n"
+        "from runner.cli import main\n"
+        "try:\n"
+        f"    main(['report', '--db', {str(seed_store.db)!r}, '--group-by', 'name', '--format', 'json'])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "print('scipy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    groups = json.loads(out.stdout[:out.stdout.rindex("]") + 1])
+    assert {g["name"] for g in groups} == {"tiny", SHORT_NAME}
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_frame_records_give_the_python_values_pandas_to_dict_gives():
+    from runner.reports import frame_records
+
+    frame = pd.DataFrame({
+        "seed": pd.array([1, None, 3], dtype="Int64"),
+        "accuracy": [0.5, float("nan"), 1 / 3],
+        "name": pd.array(["a", None, "c"], dtype="str"),
+        "lr": pd.Series([1e-3, "auto", None], dtype=object),  # a spec key holding numbers in some runs, text in others
+        "frozen": [True, False, True],
+    })
+    expected = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+    records = frame_records(frame)
+    assert records == expected
+    assert [[type(v) for v in row.values()] for row in records] == [[type(v) for v in row.values()] for row in expected]
+    assert records[1] == {"seed": None, "accuracy": None, "name": None, "lr": "auto", "frozen": False}
+    assert frame_records(frame.head(0)) == []
+
+
 def test_group_by_a_spec_key_with_columns_and_sort(run_cli, seed_store):
     rows = _report(run_cli, seed_store, "--group-by", "training.epochs", "--columns", "test_accuracy", "--sort", "-training.epochs")
     assert [(r["training.epochs"], r["n"]) for r in rows] == [(2, 3), (1, 1)]
