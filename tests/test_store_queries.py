@@ -177,6 +177,54 @@ def test_a_limited_listing_is_the_newest_page_of_the_filtered_runs(tmp_path: Pat
     assert store.query.count_runs() == 6 and store.query.count_runs(RunFilter(tags=("odd",))) == 3
 
 
+@pytest.mark.parametrize(("status", "index"), [(None, "ix_runs_started_at"), ("completed", "ix_runs_status_started_at"),
+                                             ("failed", "ix_runs_status_started_at")])
+def test_the_newest_page_is_read_through_an_index_in_started_at_order(store_db: str, status: str | None, index: str) -> None:
+    """`runner runs` on a big store must not sort every run to show 50 (a 100,000-run SQLite store:
+    106 ms without the index, 0.5 ms with it), nor `runner runs --status S` every run of that status.
+    PostgreSQL's planner prefers a scan of a table this small, so sequential scans are priced out there."""
+    store = Store(store_db)
+    for i in range(30):
+        add_run(store, f"ffff{i:08d}", f"run-{i}", started_at=utcnow() - timedelta(minutes=100 - i))
+        store.runs.finish(f"ffff{i:08d}", "completed" if i % 3 else "failed")
+    statements: list[tuple[str, object]] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda conn, cursor, statement, parameters, context, many:
+                    statements.append((statement, parameters)))
+    newest = [f"ffff{i:08d}" for i in range(29, -1, -1) if status is None or (status == "failed") == (i % 3 == 0)][:3]
+    assert [r["id"] for r in store.query.runs_table(RunFilter(status=status), limit=3)] == newest
+    (statement, parameters), = [(s, p) for s, p in statements if "LIMIT" in s.upper()]
+    on_sqlite = store.engine.dialect.name == "sqlite"
+    with store.engine.connect() as conn:
+        if not on_sqlite:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+        plan = " ".join(str(row) for row in conn.exec_driver_sql(("EXPLAIN QUERY PLAN " if on_sqlite else "EXPLAIN ") + statement, parameters))
+    assert re.search(rf"\b{index}\b", plan), plan
+
+
+def test_a_status_filter_selects_the_runs_whose_live_status_it_names(store_db: str) -> None:
+    """The filter is spelled on the stored columns (so an index serves it) and must agree with the
+    status every listing shows: a running run past its deadline is lost, one without a deadline runs."""
+    from conftest import execute_sql
+
+    from runner.store.status import STATUSES, live_status
+
+    store = Store(store_db)
+    now = utcnow()
+    cases = [(status, None) for status in STATUSES if status != "running"]
+    cases += [("running", None), ("running", now - timedelta(hours=1)), ("running", now + timedelta(hours=1)),
+              ("lost", now - timedelta(hours=1))]
+    for i, (stored, lost_after) in enumerate(cases):
+        add_run(store, f"cccc{i:08d}", f"run-{i}")
+        execute_sql(store_db, "UPDATE runs SET status = :s, lost_after = :t WHERE id = :i", s=stored, t=lost_after, i=f"cccc{i:08d}")
+    shown = {r["id"]: r["status"] for r in store.query.runs_table()}
+    assert shown == {f"cccc{i:08d}": live_status(s, t, utcnow()) for i, (s, t) in enumerate(cases)}
+    for status in STATUSES:
+        expected = {run_id for run_id, live in shown.items() if live == status}
+        assert {r["id"] for r in store.query.runs_table(RunFilter(status=status))} == expected, status
+        assert set(store.query.report_runs(RunFilter(status=status))["id"]) == expected, status
+        assert store.query.count_runs(RunFilter(status=status)) == len(expected), status
+
+
 def test_runs_shows_the_newest_page_and_says_how_many_more(tmp_path: Path, run_cli) -> None:
     from runner.cli import RUNS_SHOWN
 

@@ -298,9 +298,21 @@ def m007_big_integers(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT"))
 
 
+def m008_runs_listing_indexes(conn: sa.Connection) -> None:
+    """Version 8: indexes for the order every listing of runs comes in, newest first.
+
+    Without them the newest page of ``runner runs`` sorted the whole table (a 100,000-run SQLite
+    store: 106 ms of the listing, 0.5 ms with ``ix_runs_started_at``). ``ix_runs_status_started_at``
+    does the same for one status and replaces the index on ``status`` alone, which it contains.
+    """
+    conn.execute(sa.text("CREATE INDEX ix_runs_started_at ON runs (started_at)"))
+    conn.execute(sa.text("CREATE INDEX ix_runs_status_started_at ON runs (status, started_at)"))
+    conn.execute(sa.text("DROP INDEX ix_runs_status"))
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [
     m001_initial, m002_lost_after, m003_tags_evaluations, m004_run_owner, m005_portable_paths_and_missing_values,
-    m006_sweeps, m007_big_integers,
+    m006_sweeps, m007_big_integers, m008_runs_listing_indexes,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

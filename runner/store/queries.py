@@ -18,7 +18,7 @@ from sqlalchemy.sql import quoted_name
 
 from runner.errors import RunNotFoundError
 from runner.store import schema
-from runner.store.status import live_status, status_now, utcnow
+from runner.store.status import live_status, status_is, status_now, utcnow
 
 if TYPE_CHECKING:
     from runner.store.database import Store
@@ -145,7 +145,7 @@ def run_conditions(run_filter: RunFilter, now: datetime, dialect: str) -> list[A
     """The filter as SQL conditions over ``runs`` (all must hold); ``now`` decides which runs are lost."""
     conditions: list[Any] = []
     if run_filter.status:
-        conditions.append(status_now(now) == run_filter.status)
+        conditions.append(status_is(run_filter.status, now))
     if run_filter.name_glob:
         conditions.append(glob_match(schema.runs.c.name, run_filter.name_glob, dialect))
     if run_filter.since is not None:

@@ -59,7 +59,7 @@ runs = sa.Table(
     "runs", metadata,
     _column("id", sa.String, primary_key=True),
     _column("name", sa.String, index=True),
-    _column("status", sa.String, index=True),
+    _column("status", sa.String),
     _column("spec_yaml", sa.Text),
     _column("spec_json", sa.Text),
     _column("spec_hash", sa.String, index=True),
@@ -83,7 +83,8 @@ runs = sa.Table(
     _column("confusion_json", sa.Text, nullable=True),
     _column("weights_source", sa.String, nullable=True),
     _column("weights_sha256", sa.String, nullable=True),
-    _column("started_at", sa.DateTime),
+    # `runner runs` reads the newest page through this index instead of sorting every run
+    _column("started_at", sa.DateTime, index=True),
     _column("ended_at", sa.DateTime, nullable=True),
     _column("duration_s", sa.Float, nullable=True),
     _column("heartbeat_at", sa.DateTime, nullable=True),
@@ -104,6 +105,8 @@ runs = sa.Table(
     _column("combination_json", sa.Text, nullable=True),
     # how many times a process started training the run (a queued run: 0; resumed or requeued: more)
     _column("attempts", sa.Integer, server_default=sa.text("0")),
+    # a status's newest runs, in order (`runner runs --status failed`), without sorting all of them
+    sa.Index("ix_runs_status_started_at", "status", "started_at"),
 )
 
 epoch_metrics = sa.Table(

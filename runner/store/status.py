@@ -38,4 +38,15 @@ def status_now(now: datetime) -> Any:
     return sa.case((sa.and_(schema.runs.c.status == "running", schema.runs.c.lost_after < now), "lost"), else_=schema.runs.c.status)
 
 
-__all__ = ["STATUSES", "RESUMABLE", "LOST_AFTER_BEATS", "utcnow", "deadline", "live_status", "status_now"]
+def status_is(status: str, now: datetime) -> Any:
+    """``status_now(now) == status`` spelled on the stored columns, so that an index on ``runs.status``
+    serves it (a CASE hides the column from the planner): only ``running`` and ``lost`` look at the deadline."""
+    runs = schema.runs.c
+    if status == "lost":
+        return sa.or_(runs.status == "lost", sa.and_(runs.status == "running", runs.lost_after < now))
+    if status == "running":
+        return sa.and_(runs.status == "running", sa.or_(runs.lost_after.is_(None), runs.lost_after >= now))
+    return runs.status == status
+
+
+__all__ = ["STATUSES", "RESUMABLE", "LOST_AFTER_BEATS", "utcnow", "deadline", "live_status", "status_now", "status_is"]
