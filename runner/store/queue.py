@@ -27,7 +27,7 @@ from runner.errors import RunnerError, StoreError
 from runner.store import schema
 from runner.store.queries import json_value
 from runner.store.runs import check_owner, forget_after, new_id
-from runner.store.status import deadline, live_status, status_now, utcnow
+from runner.store.status import deadline, live_status, status_is, status_now, utcnow
 
 if TYPE_CHECKING:
     from runner.store.database import Store
@@ -99,7 +99,7 @@ def requeue_lost(conn: sa.Connection, now: datetime, sweep_id: str | None = None
     while they have attempts left. They keep their rows and checkpoints: the next start resumes them.
     The owner is cleared, so a worker that was only paused finds its run taken when it wakes."""
     lost = list(conn.execute(
-        sa.select(schema.runs.c.id).where(_in_sweep(sweep_id), status_now(now) == "lost", _attempts_left())
+        sa.select(schema.runs.c.id).where(_in_sweep(sweep_id), status_is("lost", now), _attempts_left())
         .with_for_update(skip_locked=True)
     ).scalars())
     if lost:
