@@ -316,7 +316,7 @@ def test_a_store_of_the_previous_schema_on_either_backend_migrates_to_the_new_on
         for table, column in (("runs", "seed"), ("runs", "params_total"), ("runs", "params_trainable"), ("checkpoints", "size_bytes")):
             execute_sql(store_db, f"ALTER TABLE {table} ALTER COLUMN {column} TYPE INTEGER")
     for statement in ("DROP INDEX ix_runs_started_at", "DROP INDEX ix_runs_status_started_at", "CREATE INDEX ix_runs_status ON runs (status)"):
-        execute_sql(store_db, statement)  # as version 8 found it
+        execute_sql(store_db, statement)  # the indexes as they were before version 8
     execute_sql(store_db, "UPDATE meta SET value = '6' WHERE key = 'schema_version'")
 
     big_seed = 2**63 - 1
