@@ -241,14 +241,19 @@ class Store:
     # ---- schema -------------------------------------------------------------------------------
     def _prepare(self) -> None:
         try:
-            if self._current_version() == SCHEMA_VERSION:
-                return  # the usual case: one read, no write lock, no schema inspection
-            if self.read_only:
-                self._check_schema_read_only()
-            else:
-                _retrying(self._create_or_check_schema)
+            # all of it retried while SQLite is locked: connecting (switching a file to WAL) and the
+            # unlocked read can meet the lock too when many processes open an old store at once
+            _retrying(self._open_schema)
         except DBAPIError as exc:  # a file that is not a database; a server that refuses, a wrong password, no such database
             raise StoreError(f"cannot use the store {self.location}: {_hide_password(cause_of(exc), self.url)}") from None
+
+    def _open_schema(self) -> None:
+        if self._current_version() == SCHEMA_VERSION:
+            return  # the usual case: one read, no write lock, no schema inspection
+        if self.read_only:
+            self._check_schema_read_only()
+        else:
+            self._create_or_check_schema()
 
     def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
