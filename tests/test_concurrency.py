@@ -138,6 +138,28 @@ def test_processes_creating_one_new_store_at_once_all_succeed_and_one_creates_it
     assert Store(path, create=False).query.count_runs() == 0
 
 
+def test_opening_a_store_tries_again_when_connecting_meets_a_lock(tmp_path: Path, monkeypatch: Any) -> None:
+    """Connecting (an old file switching to WAL) and the unlocked version read can meet another
+    process's lock when many open one old store at once (CI saw one of 16 fail): the store tries again."""
+    from sqlalchemy.exc import OperationalError
+
+    from runner.store import Store, database
+
+    shutil.copy(V1_STORE, tmp_path / "old.db")
+    real = database.Store._current_version
+    calls: list[int] = []
+
+    def locked_the_first_time(store: Any) -> int | None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT value FROM meta", {}, Exception("database is locked"))
+        return real(store)
+
+    monkeypatch.setattr(database.Store, "_current_version", locked_the_first_time)
+    assert Store(tmp_path / "old.db").schema_version() == SCHEMA_VERSION
+    assert len(calls) == 2
+
+
 def test_processes_migrating_one_old_store_at_once_all_succeed_and_each_step_runs_once(tmp_path: Path) -> None:
     (tmp_path / "alone").mkdir()
     shutil.copy(V1_STORE, tmp_path / "alone" / "old.db")
