@@ -133,7 +133,7 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _retrying(action: Callable[[], T], attempts: int = 8) -> T:
-    """Retry what found the SQLite database locked (a write, or opening a store), with jittered exponential back-off."""
+    """Retry a write or the opening of a store that met a transient conflict (:func:`_transient`), with jittered exponential back-off."""
     for attempt in range(attempts):
         try:
             return action()
