@@ -37,6 +37,20 @@ def _printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
 
 
+def _reading_modules(pandas: bool = False) -> Any:
+    """:mod:`runner.reports` for a command that reads the store, and pandas for one that builds frames,
+    imported with the collector paused (see :mod:`runner.import_gc`)."""
+    from runner import import_gc
+
+    whole_process = click.get_current_context().find_root().obj.get("whole_process", False)
+    with import_gc.paused(freeze=whole_process, collect=False):
+        from runner import reports
+
+        if pandas:
+            import pandas  # noqa: F401  (imported here, not later inside a report function)
+    return reports
+
+
 def _check_artifacts(db: str | None, artifacts: str | None) -> None:
     """Before any work: new runs in a server store need an artefact directory every worker can reach."""
     from runner.store import artifacts_required, resolve_url
@@ -267,12 +281,12 @@ def validate(spec: Path, overrides: tuple[str, ...]) -> None:
 def runs(db: str | None, status: str | None, name: str | None, limit: int | None, tags: tuple[str, ...], sweep_ref: str | None,
          fmt: str) -> None:
     """List runs, newest first."""
-    from runner.reports import count_runs, runs_list
+    reports = _reading_modules()
 
     store = _store(db, create=False)
     if limit is None:  # a page for people; every run for scripts, as before
         limit = RUNS_SHOWN if fmt == "table" else 0
-    rows = runs_list(store, status=status, name=name, limit=limit or None, tags=tags, sweep=sweep_ref)
+    rows = reports.runs_list(store, status=status, name=name, limit=limit or None, tags=tags, sweep=sweep_ref)
     if fmt == "json":
         _echo_json(rows)
     else:
@@ -281,7 +295,7 @@ def runs(db: str | None, status: str | None, name: str | None, limit: int | None
             rows, columns = [{**row, "tags": ",".join(row["tags"])} for row in rows], [*columns, "tags"]
         click.echo(_table(rows, columns))
     if limit and len(rows) == limit:
-        more = count_runs(store, status=status, name=name, tags=tags) - limit
+        more = reports.count_runs(store, status=status, name=name, tags=tags) - limit
         if more:
             click.echo(f"{more:,} more run(s) not shown: --limit N shows the newest N, --limit 0 all", err=True)
 
@@ -292,9 +306,7 @@ def runs(db: str | None, status: str | None, name: str | None, limit: int | None
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def show(run_id: str, db: str | None, fmt: str) -> None:
     """Everything stored about one run (an id or a unique prefix)."""
-    from runner.reports import run_details
-
-    details = run_details(_store(db, create=False), run_id)
+    details = _reading_modules().run_details(_store(db, create=False), run_id)
     if fmt == "json":
         _echo_json(details)
         return
@@ -372,7 +384,7 @@ def report(db: str | None, status: str | None, name: str | None, since: str | No
            sort: str | None, group_by: str | None, fmt: str | None, output: Path | None, max_plots: int,
            tags: tuple[str, ...], sweep_ref: str | None, best: str | None) -> None:
     """A report of runs (pandas), printed or written to a file."""
-    from runner import reports
+    reports = _reading_modules(pandas=True)
 
     fmt = reports.output_format(fmt, output)
     request = reports.make_request(status=status, name=name, since=since, where=where, columns=columns, sort=sort, group_by=group_by,
@@ -410,7 +422,7 @@ def report(db: str | None, status: str | None, name: str | None, since: str | No
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the per-epoch curves, overlaid (.png, .svg, .pdf).")
 def compare(run_ids: tuple[str, ...], db: str | None, fmt: str, output: Path | None) -> None:
     """The resolved-spec keys that differ between runs, side by side with their metrics."""
-    from runner import reports
+    reports = _reading_modules(pandas=True)
 
     store = _store(db, create=False)
     comparison = reports.compare_runs(store, run_ids)
@@ -622,9 +634,7 @@ def sweep_run(spec: Path, overrides: tuple[str, ...], db: str | None, artifacts:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def sweep_status(sweep_ref: str | None, db: str | None, fmt: str) -> None:
     """A sweep's runs (default: the newest sweep): counts per status, and per run its status, attempts and result."""
-    from runner.reports import sweep_status as status_of
-
-    status = status_of(_store(db, create=False), sweep_ref)
+    status = _reading_modules().sweep_status(_store(db, create=False), sweep_ref)
     if fmt == "json":
         _echo_json(status)
         return
@@ -639,9 +649,7 @@ def sweep_status(sweep_ref: str | None, db: str | None, fmt: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def sweep_list(db: str | None, fmt: str) -> None:
     """Every sweep, newest first, with its runs counted per status."""
-    from runner.reports import sweeps_list
-
-    rows = sweeps_list(_store(db, create=False))
+    rows = _reading_modules().sweeps_list(_store(db, create=False))
     if fmt == "json":
         _echo_json(rows)
         return

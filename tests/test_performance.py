@@ -328,6 +328,28 @@ def test_a_cli_run_leaves_a_whole_store_behind(tmp_path) -> None:
     assert status == "completed"
 
 
+@pytest.mark.parametrize("command", [["report"], ["runs"], ["show", "RUN"]])
+def test_a_reading_command_freezes_its_imports_only_when_it_is_the_whole_process(trained_tiny_run, command) -> None:
+    """On the command line (argv from the process) the reading commands leave SQLAlchemy's and pandas'
+    objects frozen, so no collection traverses them again; called from a user's script they freeze
+    nothing, since the script's own objects would never be collected after."""
+    args = [trained_tiny_run.run_id if arg == "RUN" else arg for arg in command] + ["--db", str(trained_tiny_run.db)]
+    code = ("import gc, sys\nfrom runner.cli import main\nwhole = sys.argv[1] == 'whole'\nargs = sys.argv[2:]\n"
+            "if whole:\n    sys.argv = ['runner', *args]\n"
+            "try:\n    main(None if whole else args)\nexcept SystemExit as exc:\n    code = exc.code\n"
+            "print(code, gc.get_freeze_count(), gc.isenabled(), 'pandas' in sys.modules, file=sys.stderr)\n")
+    for mode in ("whole", "library"):
+        result = subprocess.run([sys.executable, "-c", code, mode, *args], capture_output=True, text=True, timeout=300)
+        code_, frozen, enabled, pandas_loaded = result.stderr.splitlines()[-1].split()
+        assert (code_, enabled) == ("0", "True"), result.stderr
+        assert trained_tiny_run.run_id[:8] in result.stdout  # the command did its work
+        assert pandas_loaded == ("True" if command == ["report"] else "False")  # runs and show never import pandas
+        if mode == "whole":
+            assert int(frozen) > 20_000  # about 70,000 objects after SQLAlchemy alone, 150,000 with pandas
+        else:
+            assert frozen == "0"
+
+
 def test_checkpoint_files_skip_zip_checksums_yet_load_exactly_and_leave_torch_save_alone(tmp_path) -> None:
     """The runner's own files are written without the zip CRC-32 (torch.load never checks it; the store
     keeps a sha256); what the user saves with torch.save in the same process still gets it."""
