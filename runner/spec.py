@@ -202,9 +202,15 @@ class WeightsFromRun(_Strict):
 
     @field_validator("run", mode="before")
     @classmethod
-    def _digits_read_as_a_number(cls, value: Any) -> Any:
-        # YAML reads an id of digits only (``{run: 257400778786}``, made before new ids had a letter) as an int
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else value
+    def _id_read_as_a_number(cls, value: Any) -> Any:
+        # Ids made before new ones started with a letter can read as YAML numbers. Twelve decimal digits
+        # (``{run: 257400778786}``) come back as an int that still spells the id; any other number
+        # (``5351e9053013`` is a float, ``012345670123`` octal) has lost it, so the user must quote it.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value
+        if isinstance(value, int) and len(str(value)) == 12:
+            return str(value)
+        raise ValueError(f"YAML read this run id as a number ({value}); put the id in quotes, as in {{run: '5351e9053013'}}")
 
 
 class WeightsFromExperiment(_Strict):

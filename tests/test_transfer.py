@@ -163,24 +163,40 @@ def test_weights_from_a_run_and_never_random_by_accident(tmp_path: Path, run_cli
     assert wrong.exit_code == 2 and "weights from file:" in wrong.err
 
 
-def test_a_run_id_of_digits_only_names_its_run_in_a_spec_and_new_ids_always_have_a_letter(run_cli, db: Path, monkeypatch) -> None:
-    """YAML reads ``{run: 257400778786}`` as a number: such an id (about one in 280 of the ids made before) still
-    names its run, and a new id is never all digits (found as a flaky test: a copied store's run id)."""
+def test_a_run_id_of_digits_only_names_its_run_in_a_spec_and_new_ids_always_start_with_a_letter(run_cli, db: Path, monkeypatch) -> None:
+    """YAML reads ``{run: 257400778786}`` as a number: such an id, made before, still names its run. One that YAML
+    reads as another number (``5351e9053013``, an infinite float: found as a flaky CI run) is answered with how to
+    quote it, quoted it works, and a new id always starts with a letter, so YAML reads it as a string."""
     import uuid
 
+    from runner.spec import parse_yaml
     from runner.store import database, runs
 
-    monkeypatch.setattr(database, "new_id", lambda: "257400778786")  # as an older runner could have made it
-    first = run_cli("run", TINY_SPEC, "--db", db, "-q")
-    assert first.exit_code == 0 and first.out.strip() == "257400778786", first.err
+    for old_id in ("257400778786", "5351e9053013"):  # as an older runner could have made them
+        monkeypatch.setattr(database, "new_id", lambda old_id=old_id: old_id)
+        made = run_cli("run", TINY_SPEC, "--db", db, "-q", "--set", "training.epochs=1")
+        assert made.exit_code == 0 and made.out.strip() == old_id, made.err
     monkeypatch.undo()
+
     second = run_cli("run", TINY_SPEC, "--db", db, "-q", "--set", "model.weights={run: 257400778786}")
     assert second.exit_code == 0, second.err
     assert run_cli("show", second.out.strip(), "--db", db, "--format", "json").json()["weights"]["source"] == "run:257400778786"
 
-    drawn = iter([uuid.UUID(int=0x257400778786 << 80), uuid.UUID(int=0x0123456789AB << 80)])
+    unquoted = run_cli("run", TINY_SPEC, "--db", db, "-q", "--set", "model.weights={run: 5351e9053013}")
+    assert unquoted.exit_code == 2 and unquoted.out == ""
+    assert "model.weights.run: YAML read this run id as a number (inf); put the id in quotes" in unquoted.err
+    assert len(unquoted.err.strip().splitlines()) == 1 and "Traceback" not in unquoted.err
+    quoted = run_cli("run", TINY_SPEC, "--db", db, "-q", "--set", "model.weights={run: '5351e9053013'}")
+    assert quoted.exit_code == 0, quoted.err
+    assert run_cli("show", quoted.out.strip(), "--db", db, "--format", "json").json()["weights"]["source"] == "run:5351e9053013"
+
+    numeric_draws = [0x257400778786, 0x5351E9053013, 0x0B0101010101, 0x0123456789AB]
+    drawn = iter([uuid.UUID(int=bits << 80) for bits in numeric_draws + [0xE0123456789A]])
     monkeypatch.setattr(runs.uuid, "uuid4", lambda: next(drawn))
-    assert runs.new_id() == "0123456789ab"  # the all-digit draw was thrown away
+    assert [parse_yaml(f"{bits:012x}") for bits in numeric_draws[:3]] == [257400778786, float("inf"), 0b0101010101]
+    assert runs.new_id() == "e0123456789a"  # every draw that starts with a digit was thrown away
+    monkeypatch.undo()
+    assert all(isinstance(parse_yaml(new), str) for new in (runs.new_id() for _ in range(2000)))
 
 
 # ---- 4. strategies ----------------------------------------------------------------------------

@@ -34,14 +34,16 @@ def stored_number(value: float | None) -> float | None:
 
 
 def new_id() -> str:
-    """A new run or sweep id: 12 hex digits, at least one of them a letter.
+    """A new run or sweep id: 12 hex digits, the first of them a letter.
 
-    An id of digits only (about one in 280) would come back from YAML as a number where a user writes it,
-    ``weights: {run: 257400778786}`` or ``--set model.weights={run: ...}``.
+    Where a user writes an id, ``weights: {run: ...}`` or ``--set model.weights={run: ...}``, YAML reads
+    one that starts with a digit as a number about one time in 130: digits only (``257400778786``, an
+    int), digits around one ``e`` (``5351e9053013``, a float, here infinite) or ``0b`` and binary digits.
+    Every YAML number starts with a digit, a sign or a dot, so an id that starts with a letter stays a string.
     """
     while True:
         candidate = uuid.uuid4().hex[:12]
-        if not candidate.isdigit():
+        if candidate[0] in "abcdef":
             return candidate
 
 
