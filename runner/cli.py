@@ -37,13 +37,18 @@ def _printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
 
 
+def _whole_process() -> bool:
+    """Whether this command is the whole process (``runner ...``), not a call of :func:`main` from a user's
+    script or a test: only then may imports be frozen out of the collector's reach."""
+    return bool(click.get_current_context().find_root().obj.get("whole_process", False))
+
+
 def _reading_modules(pandas: bool = False) -> Any:
     """:mod:`runner.reports` for a command that reads the store, and pandas for one that builds frames,
     imported with the collector paused (see :mod:`runner.import_gc`)."""
     from runner import import_gc
 
-    whole_process = click.get_current_context().find_root().obj.get("whole_process", False)
-    with import_gc.paused(freeze=whole_process, collect=False):
+    with import_gc.paused(freeze=_whole_process(), collect=False):
         from runner import reports
 
         if pandas:
@@ -200,7 +205,7 @@ def run(ctx: click.Context, spec: Path, overrides: tuple[str, ...], db: str | No
         _launch(ctx, nproc, ["run", str(spec), *[a for o in overrides for a in ("--set", o)], *options])
     from runner import import_gc
 
-    with import_gc.paused(freeze=ctx.find_root().obj.get("whole_process", False)):
+    with import_gc.paused(freeze=_whole_process()):
         from runner import distributed
         from runner.execute import run_experiment
         from runner.plan import resolve_device
@@ -233,7 +238,7 @@ def resume(ctx: click.Context, run_id: str, db: str | None, quiet: bool, nproc: 
         _launch(ctx, nproc, ["resume", run_id, *(["--db", db] if db else []), *(["-q"] if quiet else [])])
     from runner import import_gc
 
-    with import_gc.paused(freeze=ctx.find_root().obj.get("whole_process", False)):
+    with import_gc.paused(freeze=_whole_process()):
         from runner import distributed
         from runner.resume import resume_run
 
